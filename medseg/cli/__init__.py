@@ -1,0 +1,61 @@
+"""The ``medseg`` command: a thin layer over the public functions of the package.
+
+Each sub-command lives in its own module of this package and exposes ``register(subparsers)``, which adds its
+parser and sets ``func`` (called with the parsed arguments, returning an exit status).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from medseg import __version__
+from medseg.errors import MedsegError
+
+# Sub-command modules, in the order ``medseg --help`` lists them.
+COMMANDS = ("demo", "manifest", "validate")
+
+EPILOG = """examples:
+  medseg demo --output medseg_demo                 synthetic data -> train -> predict -> Dice report
+  medseg manifest --layout brats2018 DATA_DIR -o cases.csv
+  medseg validate cases.csv
+run 'medseg COMMAND --help' for the options and examples of each command."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medseg",
+        description="Medical volumetric segmentation: manifests, training, inference in the scan's geometry, Dice reports.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"medseg.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MedsegError as err:
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""``medseg manifest``: build a manifest from a dataset folder in a known layout."""
+from __future__ import annotations
+
+import argparse
+
+from medseg.data.layouts import LAYOUTS, build_manifest
+from medseg.data.manifest import assign_folds, write_manifest
+
+EPILOG = """examples:
+  medseg manifest --layout brats2018 ../shared/data/brats18 -o data_manifests/brats18.csv
+  medseg manifest --layout auto /data/Task01_BrainTumour -o msd.json --folds 5
+  medseg manifest --layout nnunet /data/nnUNet_raw/Dataset001_BrainTumour -o d001.csv
+
+layouts:
+  brats2018  ID/ID_{flair,t1,t1ce,t2,seg}.nii.gz (BraTS 2018-2020; labels 1,2,4)
+  brats2021  BraTS2021_xxxxx/BraTS2021_xxxxx_{flair,t1,t1ce,t2,seg}.nii.gz (labels 1,2,4)
+  brats2023  BraTS-GLI-xxxxx-xxx/...-{t2f,t1n,t1c,t2w,seg}.nii.gz (labels 1,2,3)
+  msd        imagesTr/BRATS_xxx.nii.gz (4D) + labelsTr/ (labels 1 edema, 2 non-enhancing, 3 enhancing)
+  nnunet     imagesTr/case_0000.nii.gz ... + labelsTr/ + dataset.json
+  auto       detect one of the above
+Paths in the manifest are written relative to the manifest file."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("manifest", help="build a manifest (CSV/JSON) from a dataset folder", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", metavar="DIR", help="the dataset's root folder")
+    p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="dataset layout (default: auto)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="manifest to write (.csv or .json)")
+    p.add_argument("--folds", type=int, default=0, metavar="K", help="assign K cross-validation folds (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    manifest = build_manifest(args.layout, args.folder)
+    if args.folds:
+        manifest = assign_folds(manifest, args.folds, args.seed)
+    path = write_manifest(manifest, args.output)
+    labelled = sum(1 for c in manifest.cases if c.label)
+    print(f"{path}: {len(manifest)} cases, channels {', '.join(manifest.channels)}, {labelled} with labels, scheme {manifest.label_scheme}")
+    return 0

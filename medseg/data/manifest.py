@@ -1,0 +1,249 @@
+"""Manifests: the one description of a dataset that everything downstream reads.
+
+A manifest lists cases: an id, one image path per channel in a fixed channel order, an optional label path,
+and optional split / fold. It is CSV or JSON; paths may be relative to the manifest file. The format is
+documented in ``data_manifests/README.md``.
+
+CSV::
+
+    # label_scheme: brats
+    id,flair,t1,t1ce,t2,label,split,fold
+    Brats18_2013_11_1,Brats18_2013_11_1/Brats18_2013_11_1_flair.nii.gz,...,train,0
+
+Reserved columns are ``id``, ``label``, ``split`` and ``fold``; every other column is a channel, in column
+order. Lines starting with ``#`` before the header carry ``key: value`` metadata (``label_scheme``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from medseg.atomic import write_text_atomic
+from medseg.data.io import split_channel
+from medseg.errors import MedsegError
+
+RESERVED = ("id", "label", "split", "fold")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: ``images`` maps channel name -> path (in channel order); ``label`` may be ``None``."""
+
+    id: str
+    images: Mapping[str, Path]
+    label: Path | None = None
+    split: str | None = None
+    fold: int | None = None
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(self.images)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Cases sharing one channel order, plus the label scheme name (or dict) of their labels."""
+
+    channels: tuple[str, ...]
+    cases: tuple[Case, ...]
+    label_scheme: str | dict | None = None
+    path: Path | None = field(default=None, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __iter__(self):
+        return iter(self.cases)
+
+    def __getitem__(self, case_id: str) -> Case:
+        for case in self.cases:
+            if case.id == case_id:
+                return case
+        raise KeyError(case_id)
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.id for c in self.cases]
+
+    def select(self, split: str | None = None, folds: Iterable[int] | None = None, exclude_folds: Iterable[int] | None = None) -> "Manifest":
+        """Cases of one split and/or some folds."""
+        keep = list(self.cases)
+        if split is not None:
+            keep = [c for c in keep if c.split == split]
+        if folds is not None:
+            fs = set(folds)
+            keep = [c for c in keep if c.fold in fs]
+        if exclude_folds is not None:
+            fs = set(exclude_folds)
+            keep = [c for c in keep if c.fold not in fs]
+        return replace(self, cases=tuple(keep))
+
+
+def _resolve(base: Path, text: str) -> Path:
+    p, channel = split_channel(text.strip())
+    p = p.expanduser()
+    full = p if p.is_absolute() else base / p
+    return Path(f"{full}[{channel}]") if channel is not None else full
+
+
+def _relative(base: Path, path: Path) -> str:
+    import os
+
+    p, channel = split_channel(path)
+    try:
+        text = os.path.relpath(Path(p).resolve(), base.resolve())
+    except ValueError:  # another drive on Windows
+        text = str(Path(p).resolve())
+    return f"{text}[{channel}]" if channel is not None else text
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read a CSV or JSON manifest; paths are resolved against the manifest's folder.
+
+    Raises a :class:`MedsegError` naming the file and the problem for an empty manifest, a missing id
+    column, duplicate case ids, a case with no image for a channel, or an unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError(f"{path}: manifest not found; build one with 'medseg manifest --layout auto DATA_DIR -o {path.name}'")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json":
+        manifest = _parse_json(text, path)
+    else:
+        manifest = _parse_csv(text, path)
+    _check_cases(manifest, path)
+    return manifest
+
+
+def _parse_csv(text: str, path: Path) -> Manifest:
+    lines = text.splitlines()
+    meta: dict[str, str] = {}
+    while lines and (lines[0].startswith("#") or not lines[0].strip()):
+        line = lines.pop(0).lstrip("#").strip()
+        if ":" in line:
+            key, value = line.split(":", 1)
+            meta[key.strip()] = value.strip()
+    if not lines:
+        raise MedsegError(f"{path}: the manifest is empty; it needs a header 'id,<channel>...,label' and one row per case")
+    reader = csv.DictReader(io.StringIO("\n".join(lines)))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if "id" not in header:
+        raise MedsegError(f"{path}: the header has no 'id' column (found {header}); the first column must be 'id'")
+    channels = tuple(h for h in header if h not in RESERVED)
+    if not channels:
+        raise MedsegError(f"{path}: no image columns; add one column per channel (e.g. flair,t1,t1ce,t2)")
+    base = path.parent
+    cases = []
+    for row_no, row in enumerate(reader, start=2 + len(meta)):
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+        cases.append(_case_from_row(row, channels, base, path, row_no))
+    scheme = meta.get("label_scheme") or None
+    if scheme and scheme.startswith("{"):
+        scheme = json.loads(scheme)
+    return Manifest(channels, tuple(cases), scheme, path)
+
+
+def _case_from_row(row: Mapping[str, str], channels: tuple[str, ...], base: Path, path: Path, where) -> Case:
+    case_id = row.get("id", "")
+    if not case_id:
+        raise MedsegError(f"{path}: row {where} has an empty id; every case needs a unique id")
+    missing = [ch for ch in channels if not row.get(ch)]
+    if missing:
+        raise MedsegError(f"{path}: case {case_id} has no image for channel(s) {missing}; every case needs all of {list(channels)}")
+    fold = row.get("fold") or None
+    if fold is not None:
+        try:
+            fold = int(fold)
+        except ValueError:
+            raise MedsegError(f"{path}: case {case_id} has fold {fold!r}; folds are integers") from None
+    return Case(
+        id=case_id,
+        images={ch: _resolve(base, row[ch]) for ch in channels},
+        label=_resolve(base, row["label"]) if row.get("label") else None,
+        split=row.get("split") or None,
+        fold=fold,
+    )
+
+
+def _parse_json(text: str, path: Path) -> Manifest:
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as err:
+        raise MedsegError(f"{path}: not valid JSON ({err}); fix the syntax or write the manifest as CSV") from None
+    if not isinstance(data, dict) or not data.get("cases"):
+        raise MedsegError(f"{path}: the manifest is empty; it needs {{\"channels\": [...], \"cases\": [{{\"id\": ..., \"images\": ...}}]}}")
+    channels = tuple(data.get("channels") or ())
+    if not channels:
+        first = data["cases"][0].get("images")
+        channels = tuple(first) if isinstance(first, dict) else tuple(f"ch{i}" for i in range(len(first or [])))
+    cases = []
+    for i, entry in enumerate(data["cases"]):
+        images = entry.get("images") or {}
+        if isinstance(images, list):
+            images = dict(zip(channels, images))
+        row = {"id": str(entry.get("id", "")), "label": entry.get("label") or "", "split": entry.get("split") or "",
+               "fold": "" if entry.get("fold") is None else str(entry["fold"]), **{k: str(v) for k, v in images.items()}}
+        cases.append(_case_from_row(row, channels, path.parent, path, f"#{i}"))
+    return Manifest(channels, tuple(cases), data.get("label_scheme"), path)
+
+
+def _check_cases(manifest: Manifest, path: Path) -> None:
+    if not manifest.cases:
+        raise MedsegError(f"{path}: the manifest lists no cases; add one row per case")
+    seen: set[str] = set()
+    for case in manifest.cases:
+        if case.id in seen:
+            raise MedsegError(f"{path}: case id {case.id} appears more than once; case ids must be unique")
+        seen.add(case.id)
+
+
+def write_manifest(manifest: Manifest, path: str | Path) -> Path:
+    """Write a manifest (CSV or JSON by extension) atomically, with paths relative to its folder."""
+    path = Path(path)
+    base = path.parent.resolve() if path.parent.exists() else path.parent.absolute()
+    _check_cases(manifest, path)
+    has_label = any(c.label for c in manifest.cases)
+    has_split = any(c.split for c in manifest.cases)
+    has_fold = any(c.fold is not None for c in manifest.cases)
+    if path.suffix.lower() == ".json":
+        data = {"channels": list(manifest.channels), "label_scheme": manifest.label_scheme, "cases": []}
+        for c in manifest.cases:
+            entry: dict = {"id": c.id, "images": {ch: _relative(base, c.images[ch]) for ch in manifest.channels}}
+            if c.label:
+                entry["label"] = _relative(base, c.label)
+            if c.split:
+                entry["split"] = c.split
+            if c.fold is not None:
+                entry["fold"] = c.fold
+            data["cases"].append(entry)
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        out = io.StringIO()
+        if manifest.label_scheme:
+            scheme = manifest.label_scheme if isinstance(manifest.label_scheme, str) else json.dumps(manifest.label_scheme)
+            out.write(f"# label_scheme: {scheme}\n")
+        header = ["id", *manifest.channels] + (["label"] if has_label else []) + (["split"] if has_split else []) + (["fold"] if has_fold else [])
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        for c in manifest.cases:
+            row = [c.id, *(_relative(base, c.images[ch]) for ch in manifest.channels)]
+            row += [_relative(base, c.label) if c.label else ""] if has_label else []
+            row += [c.split or ""] if has_split else []
+            row += ["" if c.fold is None else c.fold] if has_fold else []
+            writer.writerow(row)
+        text = out.getvalue()
+    write_text_atomic(path, text)
+    return path
+
+
+def assign_folds(manifest: Manifest, n_folds: int = 5, seed: int = 0) -> Manifest:
+    """Assign cases to ``n_folds`` folds deterministically (a shuffled round-robin)."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(manifest.cases))
+    folds = {int(i): int(k % n_folds) for k, i in enumerate(order)}
+    return replace(manifest, cases=tuple(replace(c, fold=folds[i]) for i, c in enumerate(manifest.cases)))

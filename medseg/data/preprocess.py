@@ -1,0 +1,201 @@
+"""Preprocessing shared by training and inference, recorded in every run.
+
+Steps, each optional and described by :class:`Preprocessing` (stored as a dict in checkpoints so that
+``medseg predict`` applies exactly what training applied):
+
+1. reorient to canonical axis codes (default ``RAS``): an exact permutation/flip of axes, no interpolation;
+2. resample to a target spacing in mm (trilinear for images, nearest for labels) — only when asked;
+3. crop to the bounding box of non-zero voxels in any channel (the head), plus a margin;
+4. z-score each channel over its non-zero voxels (background stays 0), via MONAI's ``NormalizeIntensity``.
+
+:meth:`Preprocessing.invert` maps an array on the prepared grid (class scores or labels) back to the exact
+grid of the first input channel: un-crop (background outside), resample back, reorient back.
+
+Example:
+    >>> import numpy as np
+    >>> from medseg.data.volume import Volume
+    >>> vol = Volume(np.pad(np.ones((4, 5, 6), np.float32), 2), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    >>> pre = Preprocessing(orientation="RAS", crop_foreground=True, margin=0)
+    >>> prepared = pre.apply([vol])
+    >>> prepared.image.shape
+    (1, 4, 5, 6)
+    >>> pre.invert(prepared.image, prepared).shape
+    (1, 8, 9, 10)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medseg.data.volume import Volume
+from medseg.errors import MedsegError
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The output of :meth:`Preprocessing.apply` and what is needed to invert it.
+
+    Attributes:
+        image: ``(C, *spatial)`` float32 on the prepared grid.
+        label: ``(*spatial)`` label map on the prepared grid, or ``None``.
+        affine: voxel -> world affine of the prepared grid.
+        original_shape / original_affine: the first channel's grid, where predictions are written.
+        ornt: nibabel orientation transform from the original to the canonical axes.
+        resampled_shape: spatial shape after reorientation and resampling, before cropping.
+        bbox: ``(start, stop)`` per axis of the crop within the resampled grid.
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    original_shape: tuple[int, ...]
+    original_affine: np.ndarray
+    ornt: np.ndarray
+    oriented_shape: tuple[int, ...]
+    resampled_shape: tuple[int, ...]
+    bbox: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Settings of the preprocessing chain (see module docs). ``spacing=None`` keeps the native spacing."""
+
+    orientation: str | None = "RAS"
+    spacing: tuple[float, ...] | None = None
+    crop_foreground: bool = True
+    margin: int = 2
+    normalize: str = "zscore_nonzero"
+
+    NORMALIZERS = ("zscore_nonzero", "zscore", "none")
+
+    def __post_init__(self) -> None:
+        if self.normalize not in self.NORMALIZERS:
+            raise MedsegError(f"preprocessing.normalize: '{self.normalize}' is not one of {self.NORMALIZERS}")
+        if self.orientation is not None and (len(self.orientation) != 3 or set(self.orientation.upper()) - set("RASLPI")):
+            raise MedsegError(f"preprocessing.orientation: '{self.orientation}' is not a 3-letter code such as RAS or LPS")
+        if self.spacing is not None:
+            object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+            if any(s <= 0 for s in self.spacing):
+                raise MedsegError(f"preprocessing.spacing: {self.spacing} must be positive millimetres")
+        if self.margin < 0:
+            raise MedsegError("preprocessing.margin must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Preprocessing":
+        d = dict(d or {})
+        allowed = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - allowed
+        if unknown:
+            raise MedsegError(f"preprocessing: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spacing"] = list(self.spacing) if self.spacing else None
+        return d
+
+    # ------------------------------------------------------------------ forward
+    def apply(self, images: Sequence[Volume], label: Volume | None = None) -> Prepared:
+        """Channels (each a Volume on one grid) and an optional label -> :class:`Prepared`."""
+        first = images[0]
+        ndim = first.spatial_ndim
+        stack = np.stack([np.asarray(v.array, dtype=np.float32) for v in images])
+        lab = None if label is None else np.asarray(label.array)
+        affine = first.affine
+        ornt = np.array([[i, 1] for i in range(ndim)], dtype=float)
+        if self.orientation and ndim == 3:
+            ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(self.orientation.upper()))
+            stack = np.stack([nib.orientations.apply_orientation(c, ornt) for c in stack])
+            lab = None if lab is None else nib.orientations.apply_orientation(lab, ornt)
+            affine = affine @ nib.orientations.inv_ornt_aff(ornt, first.shape)
+        oriented_shape = stack.shape[1:]
+        if self.spacing is not None:
+            stack, lab, affine = self._resample(stack, lab, affine)
+        resampled_shape = stack.shape[1:]
+        bbox = _foreground_bbox(stack, self.margin) if self.crop_foreground else tuple((0, s) for s in resampled_shape)
+        sl = tuple(slice(a, b) for a, b in bbox)
+        stack = np.ascontiguousarray(stack[(slice(None), *sl)])
+        lab = None if lab is None else np.ascontiguousarray(lab[sl])
+        shift = np.eye(4)
+        shift[:ndim, 3] = [a for a, _ in bbox]
+        affine = affine @ shift
+        stack = self._normalize(stack)
+        return Prepared(stack, lab, affine, first.shape, first.affine.copy(), ornt, oriented_shape, resampled_shape, bbox)
+
+    def _resample(self, stack, lab, affine):
+        ndim = stack.ndim - 1
+        old_shape = np.asarray(stack.shape[1:], dtype=float)
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[:ndim]
+        new_shape = tuple(max(1, int(round(s * sp / t))) for s, sp, t in zip(old_shape, spacing, self.spacing[:ndim]))
+        if new_shape == stack.shape[1:]:
+            return stack, lab, affine
+        mode = "trilinear" if ndim == 3 else "bilinear"
+        stack = F.interpolate(torch.from_numpy(stack)[None], size=new_shape, mode=mode, align_corners=False)[0].numpy()
+        if lab is not None:
+            lab_t = torch.from_numpy(lab.astype(np.float32))[None, None]
+            lab = F.interpolate(lab_t, size=new_shape, mode="nearest")[0, 0].numpy().astype(lab.dtype)
+        # with align_corners=False, new voxel i sits at old voxel (i + 0.5) * s - 0.5, s = old/new size
+        scale = old_shape / np.asarray(new_shape, dtype=float)
+        zoom = np.eye(4)
+        zoom[:ndim, :ndim] = np.diag(scale)
+        zoom[:ndim, 3] = 0.5 * scale - 0.5
+        return stack, lab, affine @ zoom
+
+    def _normalize(self, stack: np.ndarray) -> np.ndarray:
+        if self.normalize == "none":
+            return stack
+        from monai.transforms import NormalizeIntensity
+
+        norm = NormalizeIntensity(nonzero=self.normalize == "zscore_nonzero", channel_wise=True, dtype=np.float32)
+        out = norm(stack)
+        return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
+
+    # ------------------------------------------------------------------ inverse
+    def invert(self, array: np.ndarray, prepared: Prepared, *, order: str = "linear", fill: float = 0.0) -> np.ndarray:
+        """``(K, *prepared spatial)`` -> ``(K, *original spatial)`` on the first channel's original grid.
+
+        ``order="linear"`` for scores/probabilities, ``"nearest"`` for label maps. Voxels outside the crop
+        get ``fill`` (background). ``fill`` may be a sequence with one value per channel.
+        """
+        k = array.shape[0]
+        full = np.empty((k, *prepared.resampled_shape), dtype=array.dtype)
+        full[...] = np.asarray(fill, dtype=array.dtype).reshape((-1,) + (1,) * len(prepared.resampled_shape)) if np.ndim(fill) else fill
+        sl = tuple(slice(a, b) for a, b in prepared.bbox)
+        full[(slice(None), *sl)] = array
+        if tuple(prepared.resampled_shape) != tuple(prepared.oriented_shape):
+            ndim = full.ndim - 1
+            mode = ("trilinear" if ndim == 3 else "bilinear") if order == "linear" else "nearest"
+            t = torch.from_numpy(np.ascontiguousarray(full).astype(np.float32))[None]
+            kwargs = {"align_corners": False} if order == "linear" else {}
+            full = F.interpolate(t, size=tuple(prepared.oriented_shape), mode=mode, **kwargs)[0].numpy().astype(array.dtype)
+        if len(prepared.original_shape) == 3:
+            inverse = _invert_ornt(prepared.ornt)
+            full = np.stack([nib.orientations.apply_orientation(c, inverse) for c in full])
+        return np.ascontiguousarray(full)
+
+
+def _invert_ornt(ornt: np.ndarray) -> np.ndarray:
+    """The orientation transform that undoes ``ornt`` (axis permutation + flips)."""
+    inverse = np.zeros_like(ornt)
+    for src, (dst, flip) in enumerate(ornt):
+        inverse[int(dst)] = [src, flip]
+    return inverse
+
+
+def _foreground_bbox(stack: np.ndarray, margin: int) -> tuple[tuple[int, int], ...]:
+    """Bounding box of voxels that are non-zero in any channel, grown by ``margin``; whole grid if none."""
+    mask = np.any(stack != 0, axis=0)
+    shape = mask.shape
+    if not mask.any():
+        return tuple((0, s) for s in shape)
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.nonzero(mask.any(axis=other))[0]
+        box.append((max(0, int(idx[0]) - margin), min(shape[axis], int(idx[-1]) + 1 + margin)))
+    return tuple(box)

@@ -1,0 +1,85 @@
+"""Dataset validation: everything that would otherwise fail hours into training.
+
+For each case: every file exists and reads; every image is 3D (or 2D for 2D datasets) unless a channel index
+selects a channel of a 4D file; all channels and the label share one grid (shape, and affine within a
+tolerance); image values are finite; label values belong to the label scheme. Each problem is one line naming
+the case, the file, what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from medseg.data.io import read_volume
+from medseg.data.labels import LabelScheme, get_scheme
+from medseg.data.manifest import Case, Manifest, read_manifest
+from medseg.errors import MedsegError, ValidationError
+
+
+def validate_case(case: Case, scheme: LabelScheme | None, atol: float = 1e-3, ndim: int | None = None) -> list[str]:
+    """Problems of one case, one line each (empty when the case is valid)."""
+    problems: list[str] = []
+    reference = None
+    files = [(name, path) for name, path in case.images.items()] + ([("label", case.label)] if case.label else [])
+    for name, path in files:
+        where = f"case {case.id}: {name} {path}"
+        try:
+            vol = read_volume(path)
+        except MedsegError as err:
+            problems.append(f"case {case.id}: {err}")
+            continue
+        expected = ndim or (reference.spatial_ndim if reference is not None else None)
+        if vol.array.ndim > 3 or (expected is not None and vol.array.ndim != expected):
+            problems.append(
+                f"{where}: image is {vol.array.ndim}D with shape {vol.array.shape} where a {expected or 3}D image is expected; "
+                "split 4D files into one file per channel or select a channel with 'file.nii.gz[N]' in the manifest"
+            )
+            continue
+        if reference is None:
+            reference = vol
+            ref_name = name
+        elif vol.shape != reference.shape:
+            problems.append(f"{where}: shape {vol.shape} differs from {ref_name} {reference.shape}; all channels and the label of a case must share one grid: resample it onto the {ref_name} image")
+            continue
+        elif not np.allclose(vol.affine, reference.affine, atol=atol):
+            diff = float(np.abs(vol.affine - reference.affine).max())
+            problems.append(f"{where}: affine differs from {ref_name} by up to {diff:.4g} mm (tolerance {atol}); all channels must share one grid: register/resample it onto the {ref_name} image or fix its header")
+            continue
+        if name == "label":
+            if scheme is not None:
+                bad = scheme.unknown_values(vol.array)
+                if bad:
+                    problems.append(f"{where}: label values {bad[:5]} are not in scheme '{scheme.name}' (allowed {list(scheme.values) if not scheme.is_generic else 'non-negative integers'}); fix the label map or choose its scheme with --scheme")
+        elif vol.array.dtype.kind == "f" and not np.isfinite(vol.array).all():
+            count = int((~np.isfinite(vol.array)).sum())
+            problems.append(f"{where}: {count} voxels are NaN or infinite; replace them (e.g. with 0) before training")
+    return problems
+
+
+def validate_manifest(manifest: Manifest | str | Path, scheme: str | dict | LabelScheme | None = None, *,
+                      atol: float = 1e-3, workers: int = 2, progress: bool = False) -> list[str]:
+    """Validate every case; returns the list of problems (one line each, empty when valid)."""
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest)
+    scheme_obj = get_scheme(scheme or manifest.label_scheme) if (scheme or manifest.label_scheme) else None
+    cases: Iterable[Case] = manifest.cases
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = pool.map(lambda c: validate_case(c, scheme_obj, atol), cases)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(manifest.cases), desc="validate", unit="case")
+        problems = [p for case_problems in results for p in case_problems]
+    if any(c.label for c in manifest.cases) and scheme_obj is None:
+        problems.append(f"{manifest.path}: the manifest has labels but no label scheme; add '# label_scheme: brats' (or brats2023, msd, labels) to it or pass --scheme")
+    return problems
+
+
+def check_manifest(manifest: Manifest | str | Path, scheme=None, **kwargs) -> None:
+    """Raise :class:`ValidationError` (one problem per line) unless the manifest is valid."""
+    problems = validate_manifest(manifest, scheme, **kwargs)
+    if problems:
+        raise ValidationError(problems)
