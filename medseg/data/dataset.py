@@ -1,0 +1,126 @@
+"""Cases loaded, preprocessed and cached for training and validation.
+
+A :class:`CaseData` holds one case on the prepared grid (reoriented, cropped, normalised), its target
+(regions or class indices) and the voxel coordinates of each class, computed once per case so that choosing
+foreground patch centres costs nothing per patch. :class:`CaseCache` loads cases in worker threads and keeps
+them in memory, optionally also on disk (``.npz`` keyed by the files and the preprocessing) so a second run
+starts at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medseg.atomic import atomic_path
+from medseg.data.io import read_volume
+from medseg.data.labels import LabelScheme
+from medseg.data.manifest import Case
+from medseg.data.preprocess import Preprocessing
+from medseg.errors import MedsegError
+
+
+@dataclass
+class CaseData:
+    """One prepared case. ``image``: (C, *spatial) float32; ``label``: (*spatial) label values or None;
+    ``class_coords``: label value -> (N, ndim) int32 voxel coordinates of that value (background excluded)."""
+
+    id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    class_coords: dict[int, np.ndarray]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape[1:])
+
+    @property
+    def foreground_coords(self) -> np.ndarray:
+        coords = [c for c in self.class_coords.values() if len(c)]
+        return np.concatenate(coords) if coords else np.zeros((0, self.image.ndim - 1), np.int32)
+
+
+def _class_coords(label: np.ndarray | None, max_per_class: int = 200_000, seed: int = 0) -> dict[int, np.ndarray]:
+    if label is None:
+        return {}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for value in np.unique(label):
+        if value == 0:
+            continue
+        coords = np.argwhere(label == value).astype(np.int32)
+        if len(coords) > max_per_class:  # a subset is enough to draw centres from
+            coords = coords[np.sort(rng.choice(len(coords), max_per_class, replace=False))]
+        out[int(value)] = coords
+    return out
+
+
+def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | None) -> CaseData:
+    """Read, check and preprocess one case."""
+    images = [read_volume(path) for path in case.images.values()]
+    label_vol = read_volume(case.label) if case.label else None
+    first = images[0]
+    for name, vol in zip(case.images, images):
+        if not vol.same_grid(first, atol=1e-3):
+            raise MedsegError(f"case {case.id}: channel {name} is not on the grid of {next(iter(case.images))}; run 'medseg validate' on the manifest")
+    if label_vol is not None:
+        if not label_vol.same_grid(first, atol=1e-3):
+            raise MedsegError(f"case {case.id}: label {case.label} is not on the image grid; run 'medseg validate' on the manifest")
+        if scheme is not None:
+            scheme.check(label_vol.array, f"case {case.id}: label {case.label}")
+    prepared = preprocessing.apply(images, label_vol)
+    label = None if prepared.label is None else prepared.label.astype(np.uint8 if prepared.label.max(initial=0) < 256 else np.int32)
+    return CaseData(case.id, prepared.image, label, _class_coords(label))
+
+
+class CaseCache:
+    """Prepared cases by id, loaded once (threads) and kept in memory; ``cache_dir`` adds a disk cache."""
+
+    def __init__(self, cases: Sequence[Case], preprocessing: Preprocessing, scheme: LabelScheme | None,
+                 cache_dir: str | Path | None = None, workers: int = 2, progress: bool = False):
+        self.preprocessing = preprocessing
+        self.scheme = scheme
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            results = pool.map(self._load, cases)
+            if progress:
+                from tqdm import tqdm
+
+                results = tqdm(results, total=len(cases), desc="load cases", unit="case")
+            self.cases: dict[str, CaseData] = {c.id: c for c in results}
+
+    def _key(self, case: Case) -> str:
+        files = [str(p) for p in case.images.values()] + ([str(case.label)] if case.label else [])
+        stamp = [(f, os.path.getmtime(str(f).split("[")[0]), os.path.getsize(str(f).split("[")[0])) for f in files]
+        blob = json.dumps([stamp, self.preprocessing.to_dict()], sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:16]
+
+    def _load(self, case: Case) -> CaseData:
+        if self.cache_dir is None:
+            return load_case(case, self.preprocessing, self.scheme)
+        path = self.cache_dir / f"{case.id}_{self._key(case)}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                label = z["label"] if "label" in z.files else None
+                return CaseData(case.id, z["image"], label, _class_coords(label))
+        data = load_case(case, self.preprocessing, self.scheme)
+        with atomic_path(path, suffix=".npz") as tmp:
+            arrays = {"image": data.image} | ({"label": data.label} if data.label is not None else {})
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        return data
+
+    def __getitem__(self, case_id: str) -> CaseData:
+        return self.cases[case_id]
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def values(self):
+        return self.cases.values()

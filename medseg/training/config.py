@@ -1,0 +1,293 @@
+"""Pipeline files: one YAML file = one reproducible experiment.
+
+Every key is a field of a frozen dataclass below; a pipeline is validated when loaded: an unknown key (with a
+"did you mean"), a wrong type or an impossible value is a :class:`MedsegError` naming the key and the fix.
+Paths inside a pipeline are relative to the pipeline file. See ``pipelines/demo.yaml`` for every section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from medseg.errors import MedsegError
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """Generate a synthetic BraTS-like dataset into the run directory instead of reading a manifest."""
+
+    cases: int = 12
+    shape: tuple[int, ...] = (64, 56, 48)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest: Optional[str] = None
+    synthetic: Optional[SyntheticData] = None
+    label_scheme: Optional[Union[str, dict]] = None  # default: the manifest's
+    target: str = "regions"  # regions: sigmoid per region (BraTS WT/TC/ET); labels: softmax over classes
+    val_fold: Optional[int] = 0  # cases of this fold validate; the others train
+    val_split: Optional[str] = None  # alternatively: cases whose split is this value validate
+    train_split: Optional[str] = None
+    cache: str = "memory"  # memory | disk | none
+    cache_dir: Optional[str] = None
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    orientation: Optional[str] = "RAS"
+    spacing: Optional[tuple[float, ...]] = None
+    crop_foreground: bool = True
+    margin: int = 2
+    normalize: str = "zscore_nonzero"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "unet"
+    spatial_dims: int = 3
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    patch_size: tuple[int, ...] = (64, 64, 64)
+    batch_size: int = 2
+    sampler: str = "foreground"  # uniform | foreground | class_balanced
+    foreground_fraction: float = 0.33
+    flip: bool = True
+    intensity: bool = True
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "auto"  # auto | dice | dice_ce | region_dice_bce
+    deep_supervision: bool = False
+    vae_weight: float = 1.0  # weight of the segresnet_vae regulariser in the total loss
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    momentum: float = 0.99
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "poly"  # poly | cosine | constant
+    power: float = 0.9
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = 50
+    iterations_per_epoch: int = 100
+    val_interval: int = 1
+    amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16/fp16 on CUDA, off on CPU)
+    grad_clip: Optional[float] = 12.0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    roi_size: Optional[tuple[int, ...]] = None  # default: the patch size
+    overlap: float = 0.5
+    blend: str = "gaussian"  # gaussian | constant
+    sw_batch_size: int = 2
+    tta: bool = False
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: Optional[str] = None  # default runs/<name>, relative to the working directory
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    base_dir: str = field(default=".", metadata={"internal": True})  # folder of the pipeline file
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir")
+        return _plain(d)
+
+    def resolve(self, path: str | None) -> Path | None:
+        """A path of the pipeline, made absolute against the pipeline file's folder."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    @property
+    def roi_size(self) -> tuple[int, ...]:
+        return tuple(self.inference.roi_size or self.sampling.patch_size)
+
+
+CHOICES = {
+    "data.target": ("regions", "labels"),
+    "data.cache": ("memory", "disk", "none"),
+    "sampling.sampler": ("uniform", "foreground", "class_balanced"),
+    "loss.name": ("auto", "dice", "dice_ce", "region_dice_bce"),
+    "optimizer.name": ("adam", "adamw", "sgd"),
+    "schedule.name": ("poly", "cosine", "constant"),
+    "training.amp": ("auto", "off", "bf16", "fp16"),
+    "inference.blend": ("gaussian", "constant"),
+}
+POSITIVE = ("sampling.batch_size", "training.epochs", "training.iterations_per_epoch", "training.val_interval",
+            "optimizer.lr", "inference.sw_batch_size", "data.synthetic.cases")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except MedsegError as err:
+                errors.append(str(err))
+        raise MedsegError(errors[0] if len(errors) == 1 else f"{key}: {value!r} has the wrong type; expected one of {[_type_name(a) for a in args]}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise MedsegError(f"{key}: expected a list such as [64, 64, 64], got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise MedsegError(f"{key}: expected a mapping (key: value lines), got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MedsegError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MedsegError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MedsegError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise MedsegError(f"{key}: expected text, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MedsegError(f"{prefix or 'pipeline'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise MedsegError(f"{full}: unknown key{hint}; valid keys here: {', '.join(fields)}")
+        values[key] = _coerce(value, hints[key], full)
+    return cls(**values)
+
+
+def _check_values(p: Pipeline) -> None:
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(p, section), name)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise MedsegError(f"{key}: '{value}' is not valid{hint}; choose one of {', '.join(choices)}")
+    for key in POSITIVE:
+        obj = p
+        for part in key.split("."):
+            obj = getattr(obj, part) if obj is not None else None
+        if obj is not None and obj <= 0:
+            raise MedsegError(f"{key}: must be positive, got {obj}")
+    if (p.data.manifest is None) == (p.data.synthetic is None):
+        raise MedsegError("data: give exactly one of data.manifest (a manifest file) or data.synthetic (generated data)")
+    dims = p.model.spatial_dims
+    if dims not in (2, 3):
+        raise MedsegError(f"model.spatial_dims: {dims} is not 2 or 3")
+    for key, size in (("sampling.patch_size", p.sampling.patch_size), ("inference.roi_size", p.inference.roi_size)):
+        if size is not None and (len(size) != dims or any(s <= 0 for s in size)):
+            raise MedsegError(f"{key}: {list(size)} must have {dims} positive sizes for a {dims}D model")
+    if not 0.0 <= p.sampling.foreground_fraction <= 1.0:
+        raise MedsegError(f"sampling.foreground_fraction: {p.sampling.foreground_fraction} must be within [0, 1] (nnU-Net uses 0.33)")
+    if not 0.0 <= p.inference.overlap < 1.0:
+        raise MedsegError(f"inference.overlap: {p.inference.overlap} must be within [0, 1)")
+    if p.data.val_fold is not None and p.data.val_split is not None:
+        raise MedsegError("data: give data.val_fold or data.val_split, not both (set the other to null)")
+
+
+def parse_pipeline(data: dict, base_dir: str | Path = ".") -> Pipeline:
+    """Validate a pipeline given as a dict (as read from YAML)."""
+    pipeline = _build(Pipeline, data, "")
+    pipeline = dataclasses.replace(pipeline, base_dir=str(Path(base_dir).resolve()))
+    _check_values(pipeline)
+    return pipeline
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    """Read and validate a pipeline file; ``overrides`` are ``section.key=value`` strings (YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError(f"{path}: pipeline file not found; see pipelines/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise MedsegError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise MedsegError(f"override '{item}': expected section.key=value, e.g. training.epochs=10")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MedsegError(f"override '{item}': {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    try:
+        return parse_pipeline(data, path.parent)
+    except MedsegError as err:
+        raise MedsegError(f"{path}: {err}") from None

@@ -1,0 +1,176 @@
+"""Building a training run from a pipeline: data split, cases, patch dataset, model, loss, optimiser, schedule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.data.dataset import CaseCache, CaseData
+from medseg.data.labels import LabelScheme, get_scheme
+from medseg.data.manifest import Manifest, assign_folds, read_manifest
+from medseg.data.preprocess import Preprocessing
+from medseg.data.sampling import augment, choose_centre, crop_patch
+from medseg.errors import MedsegError
+from medseg.training.config import Pipeline
+
+
+def resolve_manifest(p: Pipeline, run_dir: Path, is_main: bool = True, progress: bool = True) -> Path:
+    """The pipeline's manifest; for ``data.synthetic`` the dataset is generated into ``run_dir/data`` once."""
+    if p.data.manifest is not None:
+        return p.resolve(p.data.manifest)
+    path = run_dir / "data" / "manifest.csv"
+    if is_main and not path.exists():
+        from medseg.data.synthetic import SyntheticSpec, generate_dataset
+
+        s = p.data.synthetic
+        generate_dataset(run_dir / "data", n_cases=s.cases, spec=SyntheticSpec(shape=tuple(s.shape)), seed=s.seed, progress=progress)
+    return path
+
+
+def split_cases(manifest: Manifest, p: Pipeline) -> tuple[Manifest, Manifest]:
+    """(train, validation) cases by ``data.val_split`` or ``data.val_fold`` (folds assigned if absent)."""
+    m = manifest
+    if p.data.train_split is not None:
+        train = m.select(split=p.data.train_split)
+    if p.data.val_split is not None:
+        val = m.select(split=p.data.val_split)
+        if p.data.train_split is None:
+            train = replace(m, cases=tuple(c for c in m.cases if c.split != p.data.val_split))
+    elif p.data.val_fold is not None:
+        if all(c.fold is None for c in m.cases):
+            m = assign_folds(m, 5, p.seed)
+        val = m.select(folds=[p.data.val_fold])
+        if p.data.train_split is None:
+            train = m.select(exclude_folds=[p.data.val_fold])
+    else:
+        val = replace(m, cases=())
+        if p.data.train_split is None:
+            train = m
+    if not train.cases:
+        raise MedsegError(f"{manifest.path}: no training cases after the split (val_fold={p.data.val_fold}, val_split={p.data.val_split}); check the folds/splits of the manifest")
+    if any(c.label is None for c in train.cases):
+        missing = [c.id for c in train.cases if c.label is None][:3]
+        raise MedsegError(f"{manifest.path}: training cases without a label: {missing}; every training case needs a label")
+    return train, val
+
+
+def label_scheme(p: Pipeline, manifest: Manifest) -> LabelScheme:
+    spec = p.data.label_scheme or manifest.label_scheme
+    if spec is None:
+        raise MedsegError("data.label_scheme: the manifest names no label scheme; set data.label_scheme (brats, brats2023, msd, binary, labels)")
+    scheme = get_scheme(spec)
+    if scheme.is_generic:
+        raise MedsegError("data.label_scheme: training needs the label values; use a named scheme or a dict with labels")
+    if p.data.target == "regions" and not scheme.regions:
+        raise MedsegError(f"data.target: regions needs a scheme with regions, and '{scheme.name}' has none; use target: labels")
+    return scheme
+
+
+def out_channels(scheme: LabelScheme, target: str) -> int:
+    return len(scheme.regions) if target == "regions" else len(scheme.values)
+
+
+def make_target(label: np.ndarray, scheme: LabelScheme, target: str) -> np.ndarray:
+    """Label values -> regions ``(R, *spatial)`` float32 or class indices ``(1, *spatial)`` int64."""
+    if target == "regions":
+        return scheme.to_regions(label).astype(np.float32)
+    return scheme.to_indices(label)[None]
+
+
+def check_patch_size(p: Pipeline, cases: dict[str, CaseData]) -> None:
+    """An impossible patch (larger than every volume on some axis) is an error naming the key."""
+    patch = tuple(p.sampling.patch_size)
+    spatial = [c.shape[: len(patch)] for c in cases.values()]
+    for axis, size in enumerate(patch):
+        largest = max(s[axis] for s in spatial)
+        if size > largest:
+            raise MedsegError(
+                f"sampling.patch_size: {list(patch)} is larger than every volume along axis {axis} "
+                f"(largest prepared size {largest}); choose at most {largest} there or resample with preprocessing.spacing"
+            )
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """``length`` random patches per epoch; sample ``i`` of epoch ``e`` is a pure function of (seed, e, i).
+
+    So an epoch gives the same patches whatever the number of worker processes, and a resumed epoch
+    repeats exactly the epoch that was interrupted. With several ranks, rank ``r`` takes samples r, r+W, ...
+    """
+
+    def __init__(self, cases: list[CaseData], p: Pipeline, scheme: LabelScheme, length: int, rank: int = 0, world: int = 1):
+        self.cases, self.p, self.scheme = cases, p, scheme
+        self.length, self.rank, self.world = length, rank, world
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        p = self.p
+        rng = np.random.default_rng([p.seed, self.epoch, i * self.world + self.rank])
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        patch = tuple(p.sampling.patch_size)
+        if p.model.spatial_dims == 2:
+            patch = (*patch, 1)
+        centre = choose_centre(p.sampling.sampler, case.shape, case.class_coords, rng, p.sampling.foreground_fraction)
+        image, label = crop_patch(case.image, case.label, centre, patch)
+        if p.model.spatial_dims == 2:
+            image, label = image[..., 0], label[..., 0]
+        image, label = augment(image, label, rng, p.sampling.flip, p.sampling.intensity)
+        return torch.from_numpy(image), torch.from_numpy(make_target(label, self.scheme, p.data.target))
+
+
+def build_optimizer(p: Pipeline, params) -> torch.optim.Optimizer:
+    o = p.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+@dataclass(frozen=True)
+class LRFactor:
+    """Learning-rate factor per epoch: linear warm-up, then poly, cosine or constant (picklable)."""
+
+    name: str
+    epochs: int
+    warmup: int
+    power: float
+    floor: float
+
+    def __call__(self, epoch: int) -> float:
+        if epoch < self.warmup:
+            return (epoch + 1) / (self.warmup + 1)
+        t = min(1.0, (epoch - self.warmup) / max(1, self.epochs - self.warmup))
+        if self.name == "poly":
+            f = (1 - t) ** self.power
+        elif self.name == "cosine":
+            f = 0.5 * (1 + math.cos(math.pi * t))
+        else:
+            f = 1.0
+        return max(f, self.floor)
+
+
+def build_scheduler(p: Pipeline, optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    s = p.schedule
+    floor = s.min_lr / p.optimizer.lr if p.optimizer.lr else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(s.name, epochs, s.warmup_epochs, s.power, floor))
+
+
+def load_cases(p: Pipeline, manifest: Manifest, scheme: LabelScheme, run_dir: Path, progress: bool) -> CaseCache:
+    pre = Preprocessing.from_dict(p_pre_dict(p))
+    cache_dir = None
+    if p.data.cache == "disk":
+        cache_dir = p.resolve(p.data.cache_dir) if p.data.cache_dir else run_dir / "cache"
+    return CaseCache(manifest.cases, pre, scheme, cache_dir=cache_dir, workers=p.data.workers or 1, progress=progress)
+
+
+def p_pre_dict(p: Pipeline) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(p.preprocessing)
+    d["spacing"] = list(d["spacing"]) if d["spacing"] else None
+    return d
