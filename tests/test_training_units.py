@@ -1,0 +1,187 @@
+"""Pipeline validation, samplers, losses, schedule and patch dataset: the parts of training below the loop."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.data.dataset import CaseData, _class_coords
+from medseg.data.labels import get_scheme
+from medseg.data.sampling import augment, choose_centre, crop_patch
+from medseg.errors import MedsegError
+from medseg.losses import DeepSupervisionLoss, SoftDice, create_loss
+from medseg.training.config import load_pipeline, parse_pipeline
+from medseg.training.setup import LRFactor, PatchDataset, check_patch_size, make_target
+
+BASE = {"data": {"synthetic": {"cases": 4}}, "sampling": {"patch_size": [32, 32, 32]}}
+
+
+def _with(**sections):
+    d = {k: dict(v) for k, v in BASE.items()}
+    for section, values in sections.items():
+        d.setdefault(section, {}).update(values)
+    return d
+
+
+# ----------------------------------------------------------------------------- pipeline files
+@pytest.mark.parametrize("section, values, fragment", [
+    ("sampling", {"patchsize": [1]}, "sampling.patchsize: unknown key (did you mean 'patch_size'?)"),
+    ("training", {"epochs": "ten"}, "training.epochs: expected an integer"),
+    ("training", {"epochs": 0}, "training.epochs: must be positive"),
+    ("loss", {"name": "dise"}, "did you mean 'dice'?"),
+    ("sampling", {"patch_size": [32, 32]}, "sampling.patch_size: [32, 32] must have 3 positive sizes"),
+    ("sampling", {"foreground_fraction": 1.5}, "sampling.foreground_fraction"),
+    ("inference", {"overlap": 1.0}, "inference.overlap"),
+    ("data", {"manifest": "x.csv"}, "exactly one of data.manifest"),
+    ("model", {"spatial_dims": 4}, "model.spatial_dims"),
+])
+def test_bad_pipeline_names_key_and_fix(section, values, fragment):
+    with pytest.raises(MedsegError) as err:
+        parse_pipeline(_with(**{section: values}))
+    assert fragment in str(err.value)
+
+
+def test_pipeline_file_and_overrides(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("name: t\ndata:\n  manifest: data/m.csv\nsampling:\n  patch_size: [16, 16, 16]\n")
+    p = load_pipeline(f, ["training.epochs=3", "optimizer.lr=0.01"])
+    assert p.training.epochs == 3 and p.optimizer.lr == 0.01
+    assert p.resolve(p.data.manifest) == (tmp_path / "data" / "m.csv").resolve()  # relative to the pipeline file
+    with pytest.raises(MedsegError, match="p.yaml: training.epochs: expected an integer"):
+        load_pipeline(f, ["training.epochs=many"])
+
+
+def test_shipped_pipelines_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
+    assert files, "pipelines/ is empty"
+    for f in files:
+        load_pipeline(f)
+
+
+def test_patch_larger_than_every_volume_is_an_error():
+    p = parse_pipeline(_with(sampling={"patch_size": [32, 32, 64]}))
+    case = CaseData("a", np.zeros((1, 40, 40, 40), np.float32), np.zeros((40, 40, 40), np.uint8), {})
+    with pytest.raises(MedsegError, match=r"sampling.patch_size: .* axis 2 .* at most 40"):
+        check_patch_size(p, {"a": case})
+
+
+# ----------------------------------------------------------------------------- sampling
+def _label():
+    label = np.zeros((30, 20, 10), np.uint8)
+    label[2:4, 3:5, 1:3] = 1
+    label[20:22, 10:12, 5:7] = 4
+    return label
+
+
+def test_foreground_fraction_is_respected():
+    label = _label()
+    coords = _class_coords(label)
+    rng = np.random.default_rng(0)
+    hits = sum(label[choose_centre("foreground", label.shape, coords, rng, 0.33)] > 0 for _ in range(3000))
+    fg_share = (label > 0).mean()
+    expected = 0.33 + 0.67 * fg_share
+    assert abs(hits / 3000 - expected) < 0.03
+
+
+def test_class_balanced_draws_each_class_equally():
+    label = _label()
+    label[0:10, 0:10, 0:10] = np.where(label[0:10, 0:10, 0:10] == 0, 2, label[0:10, 0:10, 0:10])  # a big class 2
+    coords = _class_coords(label)
+    rng = np.random.default_rng(1)
+    values = [label[choose_centre("class_balanced", label.shape, coords, rng, 1.0)] for _ in range(3000)]
+    counts = np.bincount(values, minlength=5)
+    assert counts[0] == 0
+    for v in (1, 2, 4):
+        assert abs(counts[v] / 3000 - 1 / 3) < 0.04
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "foreground", "class_balanced"])
+def test_empty_label_never_crashes(sampler):
+    label = np.zeros((12, 10, 8), np.uint8)
+    image = np.random.default_rng(0).normal(size=(2, 12, 10, 8)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        centre = choose_centre(sampler, label.shape, _class_coords(label), rng, 1.0)
+        img, lab = crop_patch(image, label, centre, (16, 8, 8))  # larger than the volume on axis 0: padded
+        assert img.shape == (2, 16, 8, 8) and lab.shape == (16, 8, 8)
+
+
+def test_crop_is_centred_and_inside():
+    image = np.arange(20 * 20 * 20, dtype=np.float32).reshape(1, 20, 20, 20)
+    img, _ = crop_patch(image, None, (10, 0, 19), (4, 4, 4))
+    assert img[0, 0, 0, 0] == image[0, 8, 0, 16]
+
+
+def test_augment_flips_image_and_label_together():
+    rng = np.random.default_rng(3)
+    image = np.random.default_rng(0).normal(size=(1, 6, 5, 4)).astype(np.float32)
+    label = (image[0] > 0).astype(np.uint8)
+    for _ in range(10):
+        img, lab = augment(image, label, rng, flip=True, intensity=False)
+        assert np.array_equal(lab, (img[0] > 0).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------- losses
+def test_soft_dice_golden_values():
+    # sigmoid(0) = 0.5 everywhere, target all ones: Dice = 2*0.5*N / (0.5N + N) = 2/3
+    loss = SoftDice("sigmoid", smooth=0.0)
+    assert float(loss(torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 4, 4))) == pytest.approx(1 / 3, abs=1e-6)
+    # perfect softmax prediction of classes -> loss 0
+    target = torch.tensor([[[[0, 1], [2, 1]]]])
+    logits = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).float() * 50
+    assert float(SoftDice("softmax")(logits, target)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_region_dice_bce_and_dice_ce_values():
+    logits, target = torch.zeros(1, 3, 4, 4, 4), torch.ones(1, 3, 4, 4, 4)
+    assert float(create_loss("region_dice_bce", "regions")(logits, target)) == pytest.approx(1 / 3 + math.log(2), abs=1e-4)
+    ce = create_loss("dice_ce", "labels")(torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4, dtype=torch.long))
+    assert float(ce) == pytest.approx(math.log(3) + 1 - (0 + 1e-5) / (4 * 4 * 2 / 3 + 1e-5), abs=1e-3)
+    with pytest.raises(MedsegError, match="needs data.target: labels"):
+        create_loss("dice_ce", "regions")
+
+
+def test_deep_supervision_weights_and_resizing():
+    loss = DeepSupervisionLoss(SoftDice("sigmoid", smooth=0.0))
+    target = torch.ones(1, 1, 8, 8, 8)
+    full, half = torch.full((1, 1, 8, 8, 8), 10.0), torch.zeros(1, 1, 4, 4, 4)
+    # levels weighted 2/3 and 1/3: Dice losses ~0 and 1/3
+    assert float(loss([full, half], target)) == pytest.approx((1 / 3) * (1 / 3), abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- schedule and dataset
+def test_lr_factor_shapes():
+    poly = LRFactor("poly", 10, 0, 0.9, 0.0)
+    assert poly(0) == 1.0 and poly(10) == 0.0 and 0 < poly(5) < 1
+    cos = LRFactor("cosine", 10, 2, 0.9, 0.0)
+    assert cos(0) < cos(1) < cos(2) == 1.0 and cos(10) == pytest.approx(0.0)
+
+
+def test_patch_dataset_is_deterministic_and_rank_disjoint():
+    p = parse_pipeline(_with(sampling={"patch_size": [8, 8, 8], "batch_size": 2}))
+    rng = np.random.default_rng(0)
+    label = (rng.random((20, 18, 16)) > 0.9).astype(np.uint8) * 2
+    case = CaseData("a", rng.normal(size=(4, 20, 18, 16)).astype(np.float32), label, _class_coords(label))
+    scheme = get_scheme("brats")
+    a, b = PatchDataset([case], p, scheme, 6), PatchDataset([case], p, scheme, 6)
+    x0, y0 = a[3]
+    x1, y1 = b[3]
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert x0.shape == (4, 8, 8, 8) and y0.shape == (3, 8, 8, 8)
+    b.epoch = 1
+    assert not torch.equal(b[3][0], x0)  # another epoch, other patches
+    r0, r1 = PatchDataset([case], p, scheme, 3, rank=0, world=2), PatchDataset([case], p, scheme, 3, rank=1, world=2)
+    assert not torch.equal(r0[0][0], r1[0][0])
+    assert torch.equal(r1[0][0], a[1][0])  # rank r takes samples r, r+W, ...
+
+
+def test_make_target_regions_and_indices():
+    scheme = get_scheme("brats")
+    label = np.array([[0, 1], [2, 4]], np.uint8)
+    regions = make_target(label, scheme, "regions")
+    assert regions.shape == (3, 2, 2) and regions[0].tolist() == [[0, 1], [1, 1]] and regions[2].tolist() == [[0, 0], [0, 1]]
+    assert make_target(label, scheme, "labels").tolist() == [[[0, 1], [2, 3]]]
