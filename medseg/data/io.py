@@ -179,7 +179,10 @@ def write_volume(volume: Volume, path: str | Path, *, dtype: np.dtype | str | No
             img.set_qform(volume.affine, code=int(volume.meta.get("qform_code") or 1))
             img.header.set_data_dtype(array.dtype)
             if suffix == ".nii.gz":
-                with gzip.open(tmp, "wb", compresslevel=compresslevel) as fh:
+                # no file name (it would be the temporary one) and no time stamp in the gzip header:
+                # the same volume always gives the same bytes
+                with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+                                                             compresslevel=compresslevel, mtime=0) as fh:
                     fh.write(img.to_bytes())
             else:
                 nib.save(img, str(tmp))
