@@ -170,10 +170,12 @@ def write_volume(volume: Volume, path: str | Path, *, dtype: np.dtype | str | No
     """
     path = Path(path)
     array = volume.array if dtype is None else volume.array.astype(dtype, copy=False)
+    if array.dtype == bool:  # neither NIfTI nor ITK stores booleans
+        array = array.astype(np.uint8)
     suffix = _suffix(path)
     with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
-            img = nib.Nifti1Image(array, volume.affine)
+            img = nib.Nifti1Image(array, volume.affine, dtype=array.dtype)  # explicit: int64 is refused otherwise
             code = int(volume.meta.get("sform_code") or 1)
             img.set_sform(volume.affine, code=code)
             img.set_qform(volume.affine, code=int(volume.meta.get("qform_code") or 1))
