@@ -20,43 +20,58 @@ from medseg.errors import MedsegError, ValidationError
 
 
 def validate_case(case: Case, scheme: LabelScheme | None, atol: float = 1e-3, ndim: int | None = None) -> list[str]:
-    """Problems of one case, one line each (empty when the case is valid)."""
-    problems: list[str] = []
-    reference = None
+    """Problems of one case, one line each (empty when the case is valid).
+
+    The grid shared by most files of the case is the reference, so one misfit file is one problem even
+    when it is the first channel.
+    """
+    problems: dict[int, list[str]] = {}
+    grids: list[tuple[int, str, tuple[int, ...], np.ndarray]] = []  # (file index, name, shape, affine)
     files = [(name, path) for name, path in case.images.items()] + ([("label", case.label)] if case.label else [])
-    for name, path in files:
+    for index, (name, path) in enumerate(files):
+        found = problems.setdefault(index, [])
         where = f"case {case.id}: {name} {path}"
         try:
             vol = read_volume(path)
         except MedsegError as err:
-            problems.append(f"case {case.id}: {err}")
+            found.append(f"case {case.id}: {err}")
             continue
-        expected = ndim or (reference.spatial_ndim if reference is not None else None)
-        if vol.array.ndim > 3 or (expected is not None and vol.array.ndim != expected):
-            problems.append(
-                f"{where}: image is {vol.array.ndim}D with shape {vol.array.shape} where a {expected or 3}D image is expected; "
+        if vol.array.ndim > 3 or (ndim is not None and vol.array.ndim != ndim):
+            found.append(
+                f"{where}: image is {vol.array.ndim}D with shape {vol.array.shape} where a {ndim or 3}D image is expected; "
                 "split 4D files into one file per channel or select a channel with 'file.nii.gz[N]' in the manifest"
             )
             continue
-        if reference is None:
-            reference = vol
-            ref_name = name
-        elif vol.shape != reference.shape:
-            problems.append(f"{where}: shape {vol.shape} differs from {ref_name} {reference.shape}; all channels and the label of a case must share one grid: resample it onto the {ref_name} image")
-            continue
-        elif not np.allclose(vol.affine, reference.affine, atol=atol):
-            diff = float(np.abs(vol.affine - reference.affine).max())
-            problems.append(f"{where}: affine differs from {ref_name} by up to {diff:.4g} mm (tolerance {atol}); all channels must share one grid: register/resample it onto the {ref_name} image or fix its header")
-            continue
+        grids.append((index, name, vol.shape, vol.affine))
         if name == "label":
             if scheme is not None:
                 bad = scheme.unknown_values(vol.array)
                 if bad:
-                    problems.append(f"{where}: label values {bad[:5]} are not in scheme '{scheme.name}' (allowed {list(scheme.values) if not scheme.is_generic else 'non-negative integers'}); fix the label map or choose its scheme with --scheme")
+                    found.append(f"{where}: label values {bad[:5]} are not in scheme '{scheme.name}' (allowed {list(scheme.values) if not scheme.is_generic else 'non-negative integers'}); fix the label map or choose its scheme with --scheme")
         elif vol.array.dtype.kind == "f" and not np.isfinite(vol.array).all():
             count = int((~np.isfinite(vol.array)).sum())
-            problems.append(f"{where}: {count} voxels are NaN or infinite; replace them (e.g. with 0) before training")
-    return problems
+            found.append(f"{where}: {count} voxels are NaN or infinite; replace them (e.g. with 0) before training")
+    for index, name, shape, affine, problem in _grid_problems(grids, atol):
+        problems[index].insert(0, f"case {case.id}: {name} {files[index][1]}: {problem}")
+    return [line for index in sorted(problems) for line in problems[index]]
+
+
+def _grid_problems(grids, atol: float):
+    """Files whose grid differs from the grid most files share (ties: the earliest file's)."""
+    def same(a, b) -> bool:
+        return a[2] == b[2] and bool(np.allclose(a[3], b[3], atol=atol))
+
+    if not grids:
+        return
+    reference = max(grids, key=lambda g: (sum(same(g, other) for other in grids), -g[0]))
+    ref_name = reference[1]
+    for grid in grids:
+        index, name, shape, affine = grid
+        if shape != reference[2]:
+            yield (*grid, f"shape {shape} differs from {ref_name} {reference[2]}; all channels and the label of a case must share one grid: resample it onto the {ref_name} image")
+        elif not same(grid, reference):
+            diff = float(np.abs(affine - reference[3]).max())
+            yield (*grid, f"affine differs from {ref_name} by up to {diff:.4g} mm (tolerance {atol}); all channels must share one grid: register/resample it onto the {ref_name} image or fix its header")
 
 
 def validate_manifest(manifest: Manifest | str | Path, scheme: str | dict | LabelScheme | None = None, *,
