@@ -110,7 +110,10 @@ def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not path.is_file():
         raise MedsegError(f"{path}: manifest not found; build one with 'medseg manifest --layout auto DATA_DIR -o {path.name}'")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise MedsegError(f"{path}: not a text file; a manifest is CSV or JSON text (see data_manifests/README.md)") from None
     if path.suffix.lower() == ".json":
         manifest = _parse_json(text, path)
     else:
@@ -176,6 +179,8 @@ def _parse_json(text: str, path: Path) -> Manifest:
         raise MedsegError(f"{path}: not valid JSON ({err}); fix the syntax or write the manifest as CSV") from None
     if not isinstance(data, dict) or not data.get("cases"):
         raise MedsegError(f"{path}: the manifest is empty; it needs {{\"channels\": [...], \"cases\": [{{\"id\": ..., \"images\": ...}}]}}")
+    if not isinstance(data["cases"], list) or not all(isinstance(e, dict) for e in data["cases"]):
+        raise MedsegError(f"{path}: 'cases' must be a list of objects such as {{\"id\": ..., \"images\": {{...}}, \"label\": ...}}")
     channels = tuple(data.get("channels") or ())
     if not channels:
         first = data["cases"][0].get("images")
