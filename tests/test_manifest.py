@@ -1,0 +1,207 @@
+"""Manifest builders for every layout, CSV/JSON round trips and path resolution."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.data.io import read_volume, write_volume
+from medseg.data.layouts import build_manifest, detect_layout
+from medseg.data.manifest import Case, Manifest, assign_folds, read_manifest, write_manifest
+from medseg.data.volume import Volume
+from medseg.errors import MedsegError
+
+SHAPE = (6, 5, 4)
+AFFINE = np.diag([-1.2, -1.0, 1.4, 1.0])
+
+
+def _write(path: Path, value: int = 1, channels: int | None = None) -> Path:
+    """A tiny NIfTI whose voxels all equal ``value`` (channel c of a 4D file holds ``value + c``)."""
+    if channels is None:
+        array = np.full(SHAPE, value, np.int16)
+    else:
+        array = np.stack([np.full(SHAPE, value + c, np.int16) for c in range(channels)], axis=-1)
+    return write_volume(Volume(array, AFFINE), path)
+
+
+def make_brats2018(root: Path, ids=("Brats18_A_1", "Brats18_B_1")) -> Path:
+    for cid in ids:
+        for k, suffix in enumerate(("flair", "t1", "t1ce", "t2", "seg")):
+            _write(root / cid / f"{cid}_{suffix}.nii.gz", k)
+    return root
+
+
+def make_brats2021(root: Path, ids=("BraTS2021_00000", "BraTS2021_00002")) -> Path:
+    return make_brats2018(root, ids)
+
+
+def make_brats2023(root: Path, ids=("BraTS-GLI-00000-000", "BraTS-GLI-00003-001")) -> Path:
+    values = {"t2f": 10, "t1n": 20, "t1c": 30, "t2w": 40, "seg": 0}  # a distinct value per file
+    for cid in ids:
+        for suffix, value in values.items():
+            _write(root / cid / f"{cid}-{suffix}.nii.gz", value)
+    return root
+
+
+def make_msd(root: Path, ids=("BRATS_001", "BRATS_002")) -> Path:
+    for cid in ids:
+        _write(root / "imagesTr" / f"{cid}.nii.gz", 100, channels=4)  # channel c holds 100 + c
+        _write(root / "labelsTr" / f"{cid}.nii.gz", 0)
+    (root / "imagesTr" / "._BRATS_001.nii.gz").write_bytes(b"macOS resource fork")  # shipped in the MSD tarball
+    meta = {"name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def make_nnunet(root: Path, ids=("case_a", "case_b")) -> Path:
+    for cid in ids:
+        for c in range(2):
+            _write(root / "imagesTr" / f"{cid}_{c:04d}.nii.gz", 50 + c)
+        _write(root / "labelsTr" / f"{cid}.nii.gz", 0)
+    meta = {"channel_names": {"0": "CT", "1": "PET"}, "labels": {"background": 0, "liver": 1, "tumour": 2},
+            "numTraining": len(ids), "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_brats2018(tmp_path):
+    m = build_manifest("brats2018", make_brats2018(tmp_path))
+    assert m.channels == ("flair", "t1", "t1ce", "t2") and m.label_scheme == "brats"
+    assert m.ids == ["Brats18_A_1", "Brats18_B_1"]
+    case = m["Brats18_B_1"]
+    assert [p.name for p in case.images.values()] == [f"Brats18_B_1_{c}.nii.gz" for c in m.channels]
+    assert case.label.name == "Brats18_B_1_seg.nii.gz"
+
+
+def test_brats2021(tmp_path):
+    make_brats2021(tmp_path)
+    (tmp_path / "notes").mkdir()  # a stray folder is not a case
+    m = build_manifest("brats2021", tmp_path)
+    assert m.ids == ["BraTS2021_00000", "BraTS2021_00002"] and m.label_scheme == "brats"
+    assert m["BraTS2021_00000"].images["t1ce"].name == "BraTS2021_00000_t1ce.nii.gz"
+    assert m["BraTS2021_00000"].label.name == "BraTS2021_00000_seg.nii.gz"
+
+
+def test_brats2023_maps_channels(tmp_path):
+    m = build_manifest("brats2023", make_brats2023(tmp_path))
+    assert m.channels == ("flair", "t1", "t1ce", "t2") and m.label_scheme == "brats2023"
+    case = m["BraTS-GLI-00003-001"]
+    expected = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}
+    for channel, suffix in expected.items():
+        assert case.images[channel].name == f"BraTS-GLI-00003-001-{suffix}.nii.gz"
+    assert read_volume(case.images["t1ce"]).array.flat[0] == 30  # the t1c file, read through the manifest
+    assert case.label.name == "BraTS-GLI-00003-001-seg.nii.gz"
+
+
+def test_msd_channels_select_the_right_4d_channel(tmp_path):
+    m = build_manifest("msd", make_msd(tmp_path))
+    assert m.ids == ["BRATS_001", "BRATS_002"] and m.label_scheme == "msd"
+    assert m.channels == ("flair", "t1", "t1ce", "t2")
+    case = m["BRATS_002"]
+    for c, channel in enumerate(m.channels):
+        assert str(case.images[channel]).endswith(f"BRATS_002.nii.gz[{c}]")
+        vol = read_volume(case.images[channel])
+        assert vol.array.shape == SHAPE and np.all(vol.array == 100 + c)
+    assert case.label == tmp_path / "labelsTr" / "BRATS_002.nii.gz"
+
+
+def test_nnunet(tmp_path):
+    m = build_manifest("nnunet", make_nnunet(tmp_path))
+    assert m.channels == ("ct", "pet") and m.ids == ["case_a", "case_b"]
+    assert m["case_b"].images["pet"].name == "case_b_0001.nii.gz"
+    assert m["case_b"].label.name == "case_b.nii.gz"
+    assert m.label_scheme == {"name": tmp_path.name, "labels": {"liver": 1, "tumour": 2}, "regions": {}}
+
+
+@pytest.mark.parametrize("layout, maker", [("brats2018", make_brats2018), ("brats2021", make_brats2021),
+                                           ("brats2023", make_brats2023), ("msd", make_msd), ("nnunet", make_nnunet)])
+def test_auto_detects_each_layout(tmp_path, layout, maker):
+    maker(tmp_path)
+    assert detect_layout(tmp_path) == layout
+    assert build_manifest("auto", tmp_path) == build_manifest(layout, tmp_path)
+
+
+def test_unknown_layouts(tmp_path):
+    (tmp_path / "random").mkdir()
+    with pytest.raises(MedsegError, match="no known layout found"):
+        build_manifest("auto", tmp_path)
+    with pytest.raises(MedsegError, match=r"unknown layout 'nnunnet' \(did you mean 'nnunet'\?\)"):
+        build_manifest("nnunnet", tmp_path)
+    with pytest.raises(MedsegError, match="not a folder"):
+        build_manifest("auto", tmp_path / "missing")
+    with pytest.raises(MedsegError, match="no brats2021 cases found"):
+        build_manifest("brats2021", tmp_path)
+
+
+@pytest.mark.parametrize("layout, maker, case, missing", [
+    ("brats2018", make_brats2018, "Brats18_B_1", "Brats18_B_1_t1ce.nii.gz"),
+    ("brats2023", make_brats2023, "BraTS-GLI-00003-001", "BraTS-GLI-00003-001-t2w.nii.gz"),
+    ("nnunet", make_nnunet, "case_b", "case_b_0001.nii.gz"),
+])
+def test_missing_modality_names_the_case(tmp_path, layout, maker, case, missing):
+    maker(tmp_path)
+    next(tmp_path.rglob(missing)).unlink()
+    with pytest.raises(MedsegError) as info:
+        build_manifest(layout, tmp_path)
+    message = str(info.value)
+    assert f"case {case}" in message and missing.split(".")[0] in message and "\n" not in message
+
+
+@pytest.mark.parametrize("layout, maker", [("brats2023", make_brats2023), ("msd", make_msd), ("nnunet", make_nnunet)])
+def test_csv_and_json_read_back_equal(tmp_path, layout, maker):
+    data = maker(tmp_path / "data")
+    built = assign_folds(build_manifest(layout, data), n_folds=2)
+    csv_path = write_manifest(built, tmp_path / "out" / "m.csv")
+    json_path = write_manifest(built, tmp_path / "out" / "m.json")
+    from_csv, from_json = read_manifest(csv_path), read_manifest(json_path)
+    assert from_csv == from_json
+    assert from_csv.channels == built.channels and from_csv.label_scheme == built.label_scheme
+    assert [c.fold for c in from_csv] == [c.fold for c in built] and {c.fold for c in built} == {0, 1}
+    for got, want in zip(from_csv, built):
+        assert got.id == want.id and got.channels == want.channels
+        for ch in built.channels:
+            assert str(got.images[ch]).endswith("]") == str(want.images[ch]).endswith("]")
+            assert Path(str(got.images[ch]).split("[")[0]).resolve() == Path(str(want.images[ch]).split("[")[0]).resolve()
+        assert got.label.resolve() == want.label.resolve()
+    # paths are stored relative to the manifest file
+    assert "../data/" in csv_path.read_text() and str(tmp_path) not in csv_path.read_text()
+    assert all(not Path(p).is_absolute() for p in json.loads(json_path.read_text())["cases"][0]["images"].values())
+
+
+def test_relative_paths_resolve_from_another_working_directory(tmp_path, monkeypatch):
+    make_brats2018(tmp_path / "data")
+    write_manifest(build_manifest("brats2018", tmp_path / "data"), tmp_path / "manifests" / "m.csv")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    m = read_manifest(Path("..") / "manifests" / "m.csv")
+    vol = read_volume(m["Brats18_A_1"].images["t1"])
+    assert np.all(vol.array == 1)  # t1 was written with value 1
+    assert read_volume(m["Brats18_A_1"].label).array.shape == SHAPE
+
+
+def test_hand_written_manifests(tmp_path):
+    _write(tmp_path / "a" / "img.nii.gz")
+    _write(tmp_path / "a" / "four.nii.gz", channels=2)
+    (tmp_path / "m.csv").write_text(
+        '# label_scheme: {"name": "x", "labels": {"fg": 1}, "regions": {}}\n'
+        "id,ct,pet,split\n"
+        "a,a/img.nii.gz,a/four.nii.gz[1],train\n"
+    )
+    m = read_manifest(tmp_path / "m.csv")
+    assert m.channels == ("ct", "pet") and m.label_scheme == {"name": "x", "labels": {"fg": 1}, "regions": {}}
+    assert m["a"].label is None and m["a"].split == "train" and m.select(split="val").cases == ()
+    assert m["a"].images["pet"] == Path(f"{tmp_path / 'a' / 'four.nii.gz'}[1]")
+    (tmp_path / "m.json").write_text(json.dumps({"channels": ["ct", "pet"], "cases": [
+        {"id": "a", "images": ["a/img.nii.gz", "a/four.nii.gz[1]"], "split": "train"}]}))
+    assert read_manifest(tmp_path / "m.json") == Manifest(("ct", "pet"), m.cases, None)
+
+
+def test_write_manifest_refuses_duplicates(tmp_path):
+    case = Case("x", {"t1": tmp_path / "x.nii.gz"})
+    with pytest.raises(MedsegError, match="case id x appears more than once"):
+        write_manifest(Manifest(("t1",), (case, case)), tmp_path / "m.csv")
+    assert not (tmp_path / "m.csv").exists()

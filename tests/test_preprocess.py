@@ -1,0 +1,129 @@
+"""Preprocessing: exact inversion, world coordinates kept, orientation-independent, z-score, resampling."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.data.io import read_volume
+from medseg.data.manifest import read_manifest
+from medseg.data.preprocess import Preprocessing
+from medseg.data.volume import Volume
+from medseg.errors import MedsegError
+
+
+def _load(case):
+    return [read_volume(case.images[ch]) for ch in case.channels], read_volume(case.label)
+
+
+@pytest.fixture(scope="module")
+def synthetic_case(synthetic_dataset):
+    return _load(read_manifest(synthetic_dataset).cases[0])
+
+
+@pytest.fixture(scope="module")
+def brats_case(shared_data):
+    cid = "Brats18_2013_11_1"
+    folder = shared_data / "brats18" / cid
+    images = [read_volume(folder / f"{cid}_{ch}.nii.gz") for ch in ("flair", "t1", "t1ce", "t2")]
+    return images, read_volume(folder / f"{cid}_seg.nii.gz")
+
+
+def _check_inverse_is_identity(images, label, pre):
+    prepared = pre.apply(images, label)
+    assert prepared.label.shape == prepared.image.shape[1:]
+    back = pre.invert(prepared.label[None], prepared, order="nearest")[0]
+    assert back.shape == label.shape and back.dtype == label.array.dtype
+    np.testing.assert_array_equal(back, label.array)
+    return prepared
+
+
+def test_inverse_is_identity_on_real_brats_labels(brats_case):
+    images, label = brats_case
+    assert images[0].orientation == ("L", "P", "S")
+    prepared = _check_inverse_is_identity(images, label, Preprocessing())
+    assert nib.aff2axcodes(prepared.affine) == ("R", "A", "S")
+    assert prepared.image.shape[1:] != label.shape  # cropped: the test is not trivial
+
+
+def test_inverse_is_identity_on_synthetic_oblique_lps(synthetic_case):
+    images, label = synthetic_case
+    assert images[0].orientation == ("L", "P", "S")
+    prepared = _check_inverse_is_identity(images, label, Preprocessing(margin=1))
+    assert prepared.image.shape[1:] != label.shape
+    # scores invert too, channel by channel, with background fill outside the crop
+    scores = np.stack([prepared.label == v for v in (0, 1, 2, 4)]).astype(np.float32)
+    back = Preprocessing(margin=1).invert(scores, prepared, fill=[1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(np.asarray((0, 1, 2, 4))[back.argmax(0)], label.array)
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPI", "PSR"])
+def test_prepared_grid_keeps_world_coordinates(synthetic_case, orientation):
+    images, label = synthetic_case
+    prepared = Preprocessing(orientation=orientation).apply(images, label)
+    assert nib.aff2axcodes(prepared.affine) == tuple(orientation)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ijk = np.array([rng.integers(0, s) for s in prepared.label.shape])
+        world = prepared.affine @ np.append(ijk, 1.0)
+        original = np.linalg.solve(images[0].affine, world)[:3]  # the same point on the original grid
+        np.testing.assert_allclose(original, np.round(original), atol=1e-6)
+        assert label.array[tuple(np.round(original).astype(int))] == prepared.label[tuple(ijk)]
+
+
+def test_ras_copy_gives_identical_prepared_arrays(brats_case):
+    images, label = brats_case
+
+    def as_ras(vol: Volume) -> Volume:
+        img = nib.as_closest_canonical(nib.Nifti1Image(vol.array, vol.affine))
+        return Volume(np.asanyarray(img.dataobj), img.affine)
+
+    ras_images, ras_label = [as_ras(v) for v in images], as_ras(label)
+    assert ras_images[0].orientation == ("R", "A", "S") and not np.array_equal(ras_images[0].array, images[0].array)
+    pre = Preprocessing()
+    a, b = pre.apply(images, label), pre.apply(ras_images, ras_label)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-6)
+
+
+def test_zscore_over_nonzero(synthetic_case):
+    images, _ = synthetic_case
+    prepared = Preprocessing(orientation=None, crop_foreground=False).apply(images)  # same grid as the input
+    for c, vol in enumerate(images):
+        nonzero = vol.array != 0
+        assert 0 < nonzero.mean() < 1
+        x = prepared.image[c][nonzero]
+        assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1.0) < 1e-4
+        assert np.all(prepared.image[c][~nonzero] == 0)  # background stays 0
+
+
+def test_resample_to_spacing(synthetic_case):
+    images, label = synthetic_case
+    pre = Preprocessing(spacing=(2.0, 2.0, 2.0), crop_foreground=False, normalize="none")
+    prepared = pre.apply(images, label)
+    oriented = Preprocessing(crop_foreground=False, normalize="none").apply(images, label)
+    spacing_in = np.sqrt((oriented.affine[:3, :3] ** 2).sum(axis=0))
+    expected = tuple(int(round(s * sp / 2.0)) for s, sp in zip(oriented.image.shape[1:], spacing_in))
+    assert prepared.image.shape[1:] == expected and prepared.label.shape == expected
+    assert expected != oriented.image.shape[1:]
+    np.testing.assert_allclose(np.sqrt((prepared.affine[:3, :3] ** 2).sum(axis=0)), 2.0, rtol=0.03)
+    # the grid still covers the same field of view: voxel centres of both grids share the first corner
+    corner_in = oriented.affine @ np.array([-0.5, -0.5, -0.5, 1.0])
+    corner_out = prepared.affine @ np.array([-0.5, -0.5, -0.5, 1.0])
+    np.testing.assert_allclose(corner_in, corner_out, atol=1e-6)
+    assert set(np.unique(prepared.label).tolist()) <= {0, 1, 2, 4}
+    back = pre.invert(prepared.label[None], prepared, order="nearest")[0]
+    assert back.shape == label.shape
+    assert (back == label.array).mean() > 0.9  # nearest there and back: close, not exact
+
+
+def test_settings_round_trip_and_validation():
+    pre = Preprocessing(spacing=(1, 1, 2), margin=0)
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    with pytest.raises(MedsegError, match="normalize"):
+        Preprocessing(normalize="minmax")
+    with pytest.raises(MedsegError, match="orientation"):
+        Preprocessing(orientation="XYZ")
+    with pytest.raises(MedsegError, match="unknown keys"):
+        Preprocessing.from_dict({"spacingg": [1, 1, 1]})
