@@ -1,0 +1,139 @@
+"""End-to-end training runs on tiny synthetic data: run folder, checkpoints, resume after SIGKILL, seeds, DDP."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medseg.errors import MedsegError
+from medseg.training.checkpoint import load_checkpoint
+from medseg.training.config import load_pipeline
+from medseg.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "data": {"synthetic": {"cases": 5, "shape": [40, 36, 32], "seed": 1}, "label_scheme": "brats", "val_fold": 0, "workers": 0},
+    "model": {"name": "unet", "spatial_dims": 3, "kwargs": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}},
+    "sampling": {"patch_size": [24, 24, 16], "batch_size": 2},
+    "training": {"epochs": 2, "iterations_per_epoch": 3, "threads": 1},
+    "inference": {"roi_size": [24, 24, 16], "overlap": 0.0, "sw_batch_size": 4},
+}
+
+
+def _pipeline(tmp_path: Path, **overrides) -> Path:
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        data.setdefault(section, {})[name] = value
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _epochs(run: Path) -> list[int]:
+    with open(run / "metrics.csv") as fh:
+        return [int(row["epoch"]) for row in csv.DictReader(fh)]
+
+
+def test_run_folder_holds_what_predict_needs(tmp_path):
+    result = train(load_pipeline(_pipeline(tmp_path)), run_dir=tmp_path / "run", progress=False)
+    run = Path(result["run_dir"])
+    assert (run / "pipeline.yaml").exists() and list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert _epochs(run) == [1, 2]
+    for name in ("best", "last"):
+        ckpt = torch.load(run / "checkpoints" / f"{name}.pt", weights_only=True)  # loads without pickled code
+        assert ckpt["format"] == "medseg-checkpoint"
+        assert ckpt["model"]["name"] == "unet" and ckpt["model"]["in_channels"] == 4 and ckpt["model"]["out_channels"] == 3
+        assert ckpt["label_scheme"]["name"] == "brats" and ckpt["target"] == "regions"
+        assert ckpt["preprocessing"]["orientation"] == "RAS" and ckpt["inference"]["roi_size"] == [24, 24, 16]
+        assert ckpt["channels"] == ["flair", "t1", "t1ce", "t2"]
+    from medseg.models import build_from_config
+
+    model = build_from_config(ckpt["model"])
+    model.load_state_dict(ckpt["state_dict"])
+    row = result["history"][-1]
+    assert {"train_loss", "lr", "dice_WT", "dice_TC", "dice_ET", "dice_mean", "patches_per_s"} <= set(row)
+
+
+def test_existing_run_needs_resume_and_finished_run_needs_extend(tmp_path):
+    pipeline = load_pipeline(_pipeline(tmp_path, training__epochs=1))
+    train(pipeline, run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(MedsegError, match="add --resume"):
+        train(pipeline, run_dir=tmp_path / "run", progress=False)
+    again = train(pipeline, run_dir=tmp_path / "run", resume=True, progress=False)
+    assert again["epochs"] == 1  # finished: nothing more without --extend-epochs
+    longer = train(pipeline, run_dir=tmp_path / "run", resume=True, extend_epochs=2, progress=False)
+    assert longer["epochs"] == 2 and _epochs(tmp_path / "run") == [1, 2]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epochs"] == 2
+
+
+def test_same_seed_same_first_epoch_loss(tmp_path):
+    pipeline = load_pipeline(_pipeline(tmp_path, training__epochs=1))
+    a = train(pipeline, run_dir=tmp_path / "a", progress=False)
+    b = train(pipeline, run_dir=tmp_path / "b", progress=False)
+    assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"]
+    other = load_pipeline(_pipeline(tmp_path, training__epochs=1), ["seed=4"])
+    c = train(other, run_dir=tmp_path / "c", progress=False)
+    assert c["history"][0]["train_loss"] != a["history"][0]["train_loss"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    pipeline = _pipeline(tmp_path, training__epochs=4, training__iterations_per_epoch=12)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "medseg", "train", str(pipeline), "--output", str(run), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and not last.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        assert last.exists(), "no checkpoint within 120 s"
+        time.sleep(0.3)  # epoch 2 is running now
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = load_checkpoint(last)["epoch"]
+    assert 1 <= done < 4, "the kill must land before the run finished"
+    assert _epochs(run) == list(range(1, done + 1))
+    assert not list(run.rglob("*.part*")), "a temporary file was left behind"
+    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _epochs(run) == [1, 2, 3, 4]  # no gap, no duplicate
+    assert load_checkpoint(last)["epoch"] == 4
+
+
+def test_torchrun_two_cpu_ranks_end_identical(tmp_path):
+    pipeline = _pipeline(tmp_path, training__epochs=1, training__iterations_per_epoch=4)
+    out = tmp_path / "weights"
+    script = ROOT / "tests" / "ddp_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(script), str(pipeline), str(tmp_path / "run"), str(out)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    w0, w1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    initial = torch.load(out / "initial.pt", weights_only=True)
+    assert w0.keys() == w1.keys()
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), key
+    assert any(not torch.equal(w0[k], initial[k]) for k in w0), "training changed nothing"
+    assert _epochs(tmp_path / "run") == [1]
