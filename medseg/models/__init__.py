@@ -1,0 +1,32 @@
+"""Segmentation networks, one registry; every model takes ``spatial_dims`` (2 or 3).
+
+Public API:
+    create_model(name, spatial_dims, in_channels, out_channels, **kwargs) -> nn.Module
+    list_models() -> list[str];  MODELS: dict[str, ModelEntry];  register(name, spatial_dims, paper)
+    model_config(model) -> dict;  build_from_config(cfg) -> nn.Module
+    check_input_size(model, spatial_shape);  valid_input_size(model_or_name, size) -> tuple[int, ...]
+
+Conventions: ``forward(x: (B, in_channels, *S))`` returns ONE tensor ``(B, out_channels, *S)`` in every mode.
+Models with deep supervision (``unetpp``, ``dynunet``) take ``deep_supervision=False``; when it is on, a
+forward in training mode stores the auxiliary logits in ``model.aux_outputs`` (a list, finest first; empty
+otherwise). ``segresnet_vae`` adds ``forward_with_vae_loss(x) -> (seg, vae_loss)``. See ``docs/models.md``.
+
+Example:
+    >>> import torch
+    >>> from medseg.models import create_model
+    >>> net = create_model("unet", spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
+    >>> net(torch.zeros(1, 1, 32, 24)).shape
+    torch.Size([1, 2, 32, 24])
+"""
+from __future__ import annotations
+
+from medseg.models.base import SegmentationModel, check_input_size, valid_input_size
+from medseg.models.registry import (MODELS, ModelEntry, build_from_config, create_model, get_entry, list_models,
+                                    model_config, register)
+
+# Importing the model modules fills the registry.
+from medseg.models import (deeplab, dynunet, fcn, pspnet, resunetpp, segnet, segresnet, unet,  # noqa: E402,F401  isort: skip
+                           unetpp, vnet)
+
+__all__ = ["MODELS", "ModelEntry", "SegmentationModel", "build_from_config", "check_input_size", "create_model",
+           "get_entry", "list_models", "model_config", "register", "valid_input_size"]
