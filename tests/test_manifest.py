@@ -205,3 +205,21 @@ def test_write_manifest_refuses_duplicates(tmp_path):
     with pytest.raises(MedsegError, match="case id x appears more than once"):
         write_manifest(Manifest(("t1",), (case, case)), tmp_path / "m.csv")
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_stray_folder_is_ignored_but_incomplete_case_is_not(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from medseg.data.layouts import build_manifest
+
+    case = tmp_path / "Case_1"
+    case.mkdir()
+    for suffix in ("flair", "t1", "t1ce", "t2", "seg"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), str(case / f"Case_1_{suffix}.nii.gz"))
+    (tmp_path / "notes").mkdir()  # no image named after it: not a case
+    assert build_manifest("brats2018", tmp_path).ids == ["Case_1"]
+    (tmp_path / "Case_2").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), str(tmp_path / "Case_2" / "Case_2_flair.nii.gz"))
+    with pytest.raises(MedsegError, match="Case_2 has no t1 image"):
+        build_manifest("brats2018", tmp_path)

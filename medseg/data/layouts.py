@@ -46,12 +46,14 @@ def _nii(folder: Path, stem: str) -> Path | None:
 
 def _brats_cases(root: Path, pattern: str, files: dict[str, str], layout: str) -> list[Case]:
     cases = []
+    sep = "-" if layout == "brats2023" else "_"
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(pattern, p.name)):
+        if not any(folder.glob(f"{folder.name}{sep}*.nii*")):
+            continue  # not a case folder (no image named after it): ignored, like any other stray folder
         images = {}
         for channel, suffix in files.items():
             path = _nii(folder, f"{folder.name}_{suffix}" if layout != "brats2023" else f"{folder.name}-{suffix}")
             if path is None:
-                sep = "-" if layout == "brats2023" else "_"
                 raise MedsegError(
                     f"{folder}: case {folder.name} has no {channel} image ({folder.name}{sep}{suffix}.nii.gz); "
                     "add the missing modality or move the incomplete case out of the dataset folder"
