@@ -30,6 +30,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -121,7 +122,7 @@ class SegResNetVAE(SegmentationModel):
         size = as_tuple(vae_input_size or PAPER_VAE_SIZE[:dims], dims, "vae_input_size")
         self.vae_grid = tuple(max(1, s // 2 ** (depth + 1)) for s in size)
         self.latent_dim = latent_dim
-        flat = 16 * int(torch.tensor(self.vae_grid).prod())
+        flat = 16 * math.prod(self.vae_grid)
         self.vae = nn.ModuleDict({
             "reduce": nn.Sequential(make_norm("group", dims, top, num_groups), nn.ReLU(inplace=True), conv(dims, top, 16, 3, stride=2)),
             "pool": adaptive_avg_pool(dims, self.vae_grid),
