@@ -1,0 +1,86 @@
+"""``medseg predict``: segment scans with a trained model; labels written in each scan's own geometry."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EPILOG = """examples:
+  medseg predict --model runs/unet3d --input Brats18_X/Brats18_X_{flair,t1,t1ce,t2}.nii.gz --output preds
+  medseg predict --model runs/unet3d --input ../shared/data/brats18/Brats18_2013_11_1 --output preds   (case folder)
+  medseg predict --model runs/unet3d --input cases.csv --output preds --shard 0/2                      (half the cases)
+  medseg predict --model runs/cord/checkpoints/best.pt --input dicom_series_folder/ --output preds --probabilities
+  torchrun --nproc_per_node 4 -m medseg predict --model runs/unet3d --input cases.csv --output preds
+Writes <OUTPUT>/<case_id>.nii.gz (uint8 labels of the model's scheme, same shape/affine/orientation as the first
+channel) and with --probabilities <case_id>_prob.nii.gz (float32, channels last). Cases whose output exists are
+skipped, so a killed run is continued by running the same command again."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("predict", help="segment scans with a trained model (labels in the scan's own geometry)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="RUN_OR_CKPT", help="run folder of 'medseg train' or a checkpoint .pt")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="the scan's channel files in the model's order, a case or dataset folder, a manifest, or a DICOM folder")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the predictions")
+    p.add_argument("--id", dest="case_id", default=None, help="output name for a single scan (default: from the first file name)")
+    p.add_argument("--probabilities", action="store_true", help="also write <id>_prob.nii.gz")
+    p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
+    p.add_argument("--shard", default=None, metavar="I/N", help="predict only shard I of N (default: torchrun's RANK/WORLD_SIZE)")
+    g = p.add_argument_group("sliding window (default: the checkpoint's inference settings)")
+    g.add_argument("--roi", type=int, nargs="+", default=None, metavar="N", help="window size per axis")
+    g.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1)")
+    g.add_argument("--blend", choices=("gaussian", "constant"), default=None)
+    g.add_argument("--sw-batch-size", type=int, default=None, metavar="N", help="windows per forward pass")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="mirroring test-time augmentation")
+    g.add_argument("--amp", choices=("auto", "on", "off"), default=None,
+                   help="mixed precision: auto = CUDA, or CPU with AMX/AVX512-BF16 (default auto)")
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument("--stitch", choices=("auto", "device", "cpu"), default=None, help="where window outputs are accumulated")
+    g.add_argument("--no-skip-empty", dest="skip_empty", action="store_false", default=None,
+                   help="evaluate windows without foreground too (slower; same labels inside the foreground)")
+    q = p.add_argument_group("postprocessing (default: the checkpoint's, else off)")
+    q.add_argument("--threshold", type=float, default=None, help="region probability threshold (default 0.5)")
+    q.add_argument("--min-component-size", type=int, default=None, metavar="VOXELS",
+                   help="remove foreground components smaller than this")
+    q.add_argument("--et-min-voxels", type=int, default=None, metavar="VOXELS",
+                   help="relabel enhancing tumour as necrotic core when fewer voxels than this are ET (BraTS rule, e.g. 500)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_shard(text: str | None, env: dict | None = None) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``; without text, torchrun's ``RANK``/``WORLD_SIZE`` (or a single shard)."""
+    from medseg.errors import MedsegError
+
+    if text is None:
+        env = os.environ if env is None else env
+        return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise MedsegError(f"--shard {text!r}: write it as I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise MedsegError(f"--shard {text}: I must be within 0..N-1 and N >= 1, e.g. 0/4")
+    return index, count
+
+
+def run(args) -> int:
+    from medseg.inference.predictor import predict
+
+    shard = parse_shard(args.shard)
+    device = args.device
+    if device is None and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    options = {"roi_size": args.roi, "overlap": args.overlap, "blend": args.blend, "sw_batch_size": args.sw_batch_size,
+               "tta": args.tta, "amp": args.amp, "device": device, "stitch": args.stitch, "skip_empty": args.skip_empty,
+               "threshold": args.threshold, "min_component_size": args.min_component_size, "et_min_voxels": args.et_min_voxels}
+    written = predict(args.model, args.input, args.output, case_id=args.case_id, probabilities=args.probabilities,
+                      overwrite=args.overwrite, shard=shard, progress=not args.no_progress and sys.stderr.isatty(),
+                      **{k: v for k, v in options.items() if v is not None})
+    labels = [p for p in written if not p.name.endswith("_prob.nii.gz")]
+    print(f"{args.output}: {len(labels)} prediction(s) written" + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""))
+    return 0
