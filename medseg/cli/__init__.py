@@ -13,7 +13,7 @@ from medseg import __version__
 from medseg.errors import MedsegError
 
 # Sub-command modules, in the order ``medseg --help`` lists them.
-COMMANDS = ("demo", "manifest", "validate", "train", "evaluate", "models")
+COMMANDS = ("demo", "manifest", "validate", "train", "predict", "evaluate", "models")
 
 EPILOG = """examples:
   medseg demo --output medseg_demo                 synthetic data -> train -> predict -> Dice report
