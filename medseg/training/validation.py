@@ -21,23 +21,24 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 def predict_labels(model: torch.nn.Module, image: np.ndarray, p: Pipeline, scheme: LabelScheme, device: torch.device,
                    autocast: dict | None) -> np.ndarray:
-    """Label map (scheme values) for a prepared image ``(C, *spatial)`` by sliding-window inference."""
-    from monai.inferers import sliding_window_inference  # TODO: medseg.inference engine
+    """Label map (scheme values) for a prepared image ``(C, *spatial)`` by sliding-window inference.
 
-    x = torch.from_numpy(image)[None].to(device)
-    with torch.autocast(**autocast) if autocast else _null():
-        scores = sliding_window_inference(x, p.roi_size, p.inference.sw_batch_size, model, overlap=p.inference.overlap,
-                                          mode=p.inference.blend)
-    scores = scores[0].float().cpu().numpy()
+    Uses the inference engine with the pipeline's inference settings, so validation measures what
+    ``medseg predict`` will do (a 2D model runs slice by slice on the volume).
+    """
+    from medseg.inference.engine import InferenceSettings, sliding_window
+    from medseg.inference.predictor import BACKGROUND_LOGIT
+
+    settings = InferenceSettings(roi_size=p.roi_size, overlap=p.inference.overlap, blend=p.inference.blend,
+                                 sw_batch_size=p.inference.sw_batch_size, tta=False, amp="on" if autocast else "off",
+                                 device=str(device), channels_last=False)
+    k = len(scheme.regions) if p.data.target == "regions" else len(scheme.values)
+    fill = [-BACKGROUND_LOGIT] * k if p.data.target == "regions" else [BACKGROUND_LOGIT] + [-BACKGROUND_LOGIT] * (k - 1)
+    scores = sliding_window(model, torch.from_numpy(image), settings, fill=fill)
+    scores = scores.float().cpu().numpy()
     if p.data.target == "regions":
         return scheme.from_regions(scores > 0.0)  # sigmoid(x) > 0.5  <=>  x > 0
     return scheme.from_indices(scores.argmax(0))
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def case_scores(pred: np.ndarray, ref: np.ndarray, scheme: LabelScheme) -> dict[str, float]:
