@@ -53,4 +53,32 @@ def run(args) -> int:
     last = result["history"][-1]
     print(f"      validation Dice WT {last.get('dice_WT', float('nan')):.3f}  TC {last.get('dice_TC', float('nan')):.3f}  "
           f"ET {last.get('dice_ET', float('nan')):.3f}", flush=True)
+    validation = _validation_manifest(pipeline, manifest, out)
+    predictions = out / "predictions"
+    print(f"[4/5] predict the {len(validation.cases)} validation cases in their own geometry -> {predictions}", flush=True)
+    from medseg.inference import predict
+
+    predict(run_dir, validation.path, predictions, progress=progress)
+    report_dir = out / "report"
+    print(f"[5/5] Dice report -> {report_dir}", flush=True)
+    from medseg.evaluation import evaluate, write_report
+
+    evaluation = evaluate(predictions, validation, progress=progress)
+    write_report(evaluation, report_dir)
+    summary = evaluation.summary
+    dice = summary[(summary["metric"] == "dice") & (summary["kind"] == "region")].set_index("target")
+    print("      " + "  ".join(f"{region} Dice {dice.loc[region, 'mean']:.3f}" for region in dice.index), flush=True)
+    print(f"done: open {report_dir / 'report.html'}; predict new scans with: medseg predict --model {run_dir} --input SCAN_FILES... --output DIR")
     return 0
+
+
+def _validation_manifest(pipeline, manifest_path: Path, out: Path):
+    """The validation cases of the demo run, written as a manifest of their own."""
+    from dataclasses import replace
+
+    from medseg.data.manifest import read_manifest, write_manifest
+    from medseg.training.setup import split_cases
+
+    _, validation = split_cases(read_manifest(manifest_path), pipeline)
+    path = write_manifest(replace(validation, path=None), out / "validation.csv")
+    return read_manifest(path)
