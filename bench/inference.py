@@ -9,7 +9,7 @@ per second and its share of the compute floor (346 GFLOP/s fp32, 1223 GFLOP/s bf
 and the agreement (Dice per region WT/TC/ET, voxel agreement) of the thresholded label maps with MONAI's.
 
 Random weights give near-random labels, so by default the network is "pseudo-trained": its region logits are
-``w * network(x) / std + 3 * (intensity - threshold)`` on FLAIR (WT) and T1ce (TC, ET) (``w = --net-weight``, 0.5;
+``w * network(x) / std + 3 * (intensity - threshold)`` on FLAIR (WT) and T1ce (TC, ET) (``w = --net-weight``, 0.1;
 ``std``: the network's output spread on a fixed random input),
 which segments bright regions like a weak tumour model while keeping the full network cost. A random network
 with instance normalisation is far more sensitive to where a window sits than a trained one, so a large ``w``
@@ -51,7 +51,7 @@ class PseudoTrained(torch.nn.Module):
     so ``weight`` is the network's share in logit units whatever the initialisation's output magnitude.
     """
 
-    def __init__(self, net: torch.nn.Module, weight: float = 0.5):
+    def __init__(self, net: torch.nn.Module, weight: float = 0.1):
         super().__init__()
         self.net = net.eval()
         with torch.inference_mode():
@@ -154,7 +154,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a medseg checkpoint (default: a random 3D U-Net, pseudo-trained)")
     p.add_argument("--net", default="monai-unet", choices=("monai-unet", "medseg-unet"), help="network without --model")
-    p.add_argument("--net-weight", type=float, default=0.5, help="weight of the random network in the pseudo-trained logits")
+    p.add_argument("--net-weight", type=float, default=0.1, help="weight of the random network in the pseudo-trained logits")
     p.add_argument("--case", default=str(DEFAULT_CASE), help="a BraTS 2018 case folder")
     p.add_argument("--roi", type=int, default=128)
     p.add_argument("--overlap", type=float, default=0.5)

@@ -218,3 +218,14 @@ def test_gpu_windows_match_cpu(stitch):
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
     half = sliding_window(net, x, InferenceSettings(roi_size=(16, 16, 16), amp="on", device="cuda"))
     assert (half.cpu().argmax(0) == ref.argmax(0)).float().mean() > 0.97
+
+
+def test_windows_with_foreground_keeps_exactly_the_windows_touching_it():
+    from medseg.inference.windows import windows_with_foreground
+
+    shape, roi = (30, 20, 10), (8, 8, 4)
+    starts = plan_windows(shape, roi, 0.5)
+    mask = np.zeros(shape, bool)
+    mask[9, 0, 9] = True  # a single voxel
+    expected = [s for s in starts if all(a <= p < a + r for a, p, r in zip(s, (9, 0, 9), roi))]
+    assert windows_with_foreground(starts, roi, mask) == expected and len(expected) >= 1
