@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from medseg.errors import MedsegError
-from medseg.training.checkpoint import load_checkpoint
+from medseg.checkpoint import load_checkpoint
 from medseg.training.config import load_pipeline
 from medseg.training.trainer import train
 

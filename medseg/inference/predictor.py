@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from medseg.checkpoint import find_checkpoint, load_checkpoint
 from medseg.data.io import read_volume, write_volume
 from medseg.data.labels import LabelScheme, get_scheme
 from medseg.data.volume import Volume
@@ -28,8 +29,6 @@ from medseg.inference.engine import (InferenceSettings, autocast_dtype, channels
 from medseg.inference.inputs import CaseInput, resolve_inputs
 from medseg.inference.postprocess import PostprocessSettings, postprocess, to_labels
 
-FORMAT = "medseg-checkpoint"
-REQUIRED = ("model", "state_dict", "channels", "label_scheme", "target")
 BACKGROUND_LOGIT = 30.0  # |logit| given to voxels no window evaluated: sigmoid/softmax ~1e-13 from 0 or 1
 SETTING_KEYS = {f.name for f in dataclasses.fields(InferenceSettings)}
 POST_KEYS = {f.name for f in dataclasses.fields(PostprocessSettings)}
@@ -61,16 +60,11 @@ class Prediction:
     probabilities: Volume | None = None
 
 
-def checkpoint_file(run_or_file: str | Path) -> Path:
-    """``RUN_DIR`` -> ``checkpoints/best.pt`` (else ``last.pt``); a ``.pt`` file as is."""
-    p = Path(run_or_file)
-    if p.is_file():
-        return p
-    for name in ("best.pt", "last.pt"):
-        if (p / "checkpoints" / name).is_file():
-            return p / "checkpoints" / name
-    why = "not found" if not p.exists() else "no checkpoints/best.pt or checkpoints/last.pt"
-    raise MedsegError(f"{p} is not a medseg run or checkpoint ({why}); give the output folder of 'medseg train' or its checkpoints/best.pt")
+def background_logits(target: str, k: int) -> list[float]:
+    """Logits of a confident background for ``k`` outputs: what voxels that no window evaluated receive."""
+    if target == "regions":
+        return [-BACKGROUND_LOGIT] * k
+    return [BACKGROUND_LOGIT] + [-BACKGROUND_LOGIT] * (k - 1)
 
 
 def build_model(config: dict) -> torch.nn.Module:
@@ -84,16 +78,8 @@ def load_model(run_or_file: str | Path, device: str | torch.device = "cpu") -> L
     """Load a run directory or checkpoint file into a :class:`LoadedModel` on ``device``."""
     from medseg.data.preprocess import Preprocessing
 
-    path = checkpoint_file(run_or_file)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise MedsegError(f"{path} is not a medseg run or checkpoint ({type(err).__name__}); give a run folder or .pt written by 'medseg train'") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise MedsegError(f"{path} is not a medseg run or checkpoint (no 'format: {FORMAT}'); give a run folder or .pt written by 'medseg train'")
-    missing = [k for k in REQUIRED if k not in ckpt]
-    if missing:
-        raise MedsegError(f"{path}: the medseg checkpoint lacks {missing}; it is damaged or from another version: re-save it with 'medseg train'")
+    path = find_checkpoint(run_or_file)
+    ckpt = load_checkpoint(path)
     model = build_model(dict(ckpt["model"]))
     try:
         model.load_state_dict(ckpt["state_dict"])
@@ -141,9 +127,7 @@ class Predictor:
         return cls(loaded, infer, post, probabilities)
 
     def _fill(self, k: int) -> list[float]:
-        if self.loaded.target == "regions":
-            return [-BACKGROUND_LOGIT] * k
-        return [BACKGROUND_LOGIT] + [-BACKGROUND_LOGIT] * (k - 1)
+        return background_logits(self.loaded.target, k)
 
     def predict_volumes(self, images: Sequence[Volume]) -> Prediction:
         """Label map (and probabilities) on the grid of ``images[0]`` for one scan's channels, in model order."""

@@ -23,7 +23,7 @@ from medseg.data.manifest import read_manifest
 from medseg.errors import MedsegError
 from medseg.losses import DeepSupervisionLoss, create_loss
 from medseg.training import setup
-from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.training.config import Pipeline
 from medseg.training.distributed import DistInfo, barrier, init_distributed, shutdown
 from medseg.training.steps import ModelStep

@@ -27,14 +27,13 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, p: Pipeline, schem
     ``medseg predict`` will do (a 2D model runs slice by slice on the volume).
     """
     from medseg.inference.engine import InferenceSettings, sliding_window
-    from medseg.inference.predictor import BACKGROUND_LOGIT
+    from medseg.inference.predictor import background_logits
 
     settings = InferenceSettings(roi_size=p.roi_size, overlap=p.inference.overlap, blend=p.inference.blend,
                                  sw_batch_size=p.inference.sw_batch_size, tta=False, amp="on" if autocast else "off",
                                  device=str(device), channels_last=False)
     k = len(scheme.regions) if p.data.target == "regions" else len(scheme.values)
-    fill = [-BACKGROUND_LOGIT] * k if p.data.target == "regions" else [BACKGROUND_LOGIT] + [-BACKGROUND_LOGIT] * (k - 1)
-    scores = sliding_window(model, torch.from_numpy(image), settings, fill=fill)
+    scores = sliding_window(model, torch.from_numpy(image), settings, fill=background_logits(p.data.target, k))
     scores = scores.float().cpu().numpy()
     if p.data.target == "regions":
         return scheme.from_regions(scores > 0.0)  # sigmoid(x) > 0.5  <=>  x > 0

@@ -17,6 +17,7 @@ from medseg.errors import MedsegError
 
 FORMAT = "medseg-checkpoint"
 VERSION = 1
+REQUIRED = ("model", "state_dict", "channels", "label_scheme", "target")  # what predicting needs
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
@@ -31,23 +32,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a medseg checkpoint with ``weights_only=True``; a clear error for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise MedsegError(f"{path}: checkpoint not found; give a run directory or its checkpoints/best.pt")
+        raise MedsegError(f"{path} is not a medseg run or checkpoint (not found); give the output folder of 'medseg train' or its checkpoints/best.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a medseg checkpoint"
-        raise MedsegError(f"{path}: not a medseg checkpoint ({type(err).__name__}); give a run directory written by 'medseg train'") from None
+        raise MedsegError(f"{path} is not a medseg run or checkpoint ({type(err).__name__}); give a run folder or .pt written by 'medseg train'") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise MedsegError(f"{path}: not a medseg checkpoint (no 'format: {FORMAT}'); give a run directory written by 'medseg train'")
+        raise MedsegError(f"{path} is not a medseg run or checkpoint (no 'format: {FORMAT}'); give a run folder or .pt written by 'medseg train'")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise MedsegError(f"{path}: the medseg checkpoint lacks {missing}; it is damaged or from another version: re-save it with 'medseg train'")
     return state
 
 
 def find_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
-    """``RUN_DIR`` -> ``RUN_DIR/checkpoints/{which}.pt`` (falling back to last.pt); a file is returned as is."""
+    """``RUN_DIR`` -> ``RUN_DIR/checkpoints/{which}.pt`` (falling back to the other one); a file is returned as is."""
     p = Path(run_or_file)
     if p.is_file():
         return p
-    for name in (which, "last", "best"):
+    for name in dict.fromkeys((which, "best", "last")):
         candidate = p / "checkpoints" / f"{name}.pt"
         if candidate.is_file():
             return candidate
-    raise MedsegError(f"{p}: not a medseg run (no checkpoints/best.pt or checkpoints/last.pt); give the output folder of 'medseg train' or a .pt file")
+    why = "not found" if not p.exists() else "no checkpoints/best.pt or checkpoints/last.pt"
+    raise MedsegError(f"{p} is not a medseg run or checkpoint ({why}); give the output folder of 'medseg train' or its checkpoints/best.pt")
