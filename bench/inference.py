@@ -84,13 +84,21 @@ def build_network(args) -> tuple[torch.nn.Module, str]:
     return PseudoTrained(net, args.net_weight), f"{args.net} ({params:.1f} M parameters), random init, pseudo-trained (w={args.net_weight})"
 
 
-def load_case(case: Path) -> np.ndarray:
+def load_case(case: Path, model: str | None = None) -> np.ndarray:
+    """The z-scored case, uncropped (the naive path windows the whole volume). With ``--model``, the
+    checkpoint's own preprocessing (e.g. resampling to its spacing) is applied, without its foreground crop."""
+    import dataclasses
+
     from medseg.data.io import read_volume
     from medseg.data.preprocess import Preprocessing
 
     vols = [read_volume(case / f"{case.name}_{c}.nii.gz") for c in CHANNELS]
     pre = Preprocessing(orientation=None, crop_foreground=False, normalize="zscore_nonzero")
-    return pre.apply(vols).image  # (4, 240, 240, 155) float32, background 0
+    if model:
+        from medseg.inference.predictor import load_model
+
+        pre = dataclasses.replace(load_model(model).preprocessing, crop_foreground=False)
+    return pre.apply(vols).image  # (4, *spatial) float32, background 0
 
 
 def worker(args) -> None:
@@ -98,9 +106,13 @@ def worker(args) -> None:
     from medseg.inference.engine import autocast_dtype, channels_last_format
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.worker.startswith("medseg"):
+        from medseg.runtime import tune_allocator
+
+        tune_allocator()  # as the medseg command line does
     net, _ = build_network(args)
     net.eval()
-    image = torch.from_numpy(load_case(Path(args.case)))
+    image = torch.from_numpy(load_case(Path(args.case), args.model))
     roi = (args.roi,) * 3
     amp = {"medseg": args.amp, "medseg-fp32": "off"}.get(args.worker, "off")
     settings = InferenceSettings(roi_size=roi, overlap=args.overlap, blend="gaussian", sw_batch_size=args.sw_batch_size,
@@ -133,7 +145,7 @@ def window_counts(args) -> tuple[int, int, float]:
 
     from medseg.inference import InferenceSettings, plan_layout, plan_windows
 
-    image = load_case(Path(args.case))
+    image = load_case(Path(args.case), args.model)
     roi = (args.roi,) * 3
     settings = InferenceSettings(roi_size=roi, overlap=args.overlap)
     full = len(plan_windows(image.shape[1:], roi, args.overlap))

@@ -31,6 +31,9 @@ def demo_pipeline_path() -> Path:
 
 
 def run(args) -> int:
+    from medseg.runtime import tune_allocator
+
+    tune_allocator()  # large activations stay mapped between forward passes
     from medseg.data.validate import check_manifest
     from medseg.errors import MedsegError
     from medseg.training import setup

@@ -66,6 +66,9 @@ def parse_shard(text: str | None, env: dict | None = None) -> tuple[int, int]:
 
 
 def run(args) -> int:
+    from medseg.runtime import tune_allocator
+
+    tune_allocator()  # large activations stay mapped between forward passes
     from medseg.inference.predictor import predict
 
     shard = parse_shard(args.shard)

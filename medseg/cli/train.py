@@ -29,6 +29,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from medseg.runtime import tune_allocator
+
+    tune_allocator()  # large activations stay mapped between forward passes
     from medseg.errors import MedsegError
     from medseg.training.config import load_pipeline
     from medseg.training.trainer import train
