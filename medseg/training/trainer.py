@@ -169,7 +169,9 @@ class Trainer:
     def _loader(self, epoch: int):
         self.dataset.epoch = epoch
         workers = self.p.data.workers
-        kwargs = {"num_workers": workers, "multiprocessing_context": "fork", "prefetch_factor": 4} if workers > 0 else {}
+        kwargs = {"num_workers": workers, "prefetch_factor": 4} if workers > 0 else {}
+        if workers > 0 and "fork" in torch.multiprocessing.get_all_start_methods():
+            kwargs["multiprocessing_context"] = "fork"  # workers share the cached cases instead of pickling them
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.p.sampling.batch_size, shuffle=False,
                                            pin_memory=self.device.type == "cuda", drop_last=True, **kwargs)
 
