@@ -101,6 +101,26 @@ def load_case(case: Path, model: str | None = None) -> np.ndarray:
     return pre.apply(vols).image  # (4, *spatial) float32, background 0
 
 
+def reference_regions(case: Path, model: str | None) -> np.ndarray | None:
+    """Ground-truth regions WT/TC/ET on the benchmark's grid (the case's seg file), or None without one."""
+    import dataclasses
+
+    from medseg.data.io import read_volume
+    from medseg.data.labels import get_scheme
+    from medseg.data.preprocess import Preprocessing
+
+    seg = case / f"{case.name}_seg.nii.gz"
+    if not seg.exists():
+        return None
+    vols = [read_volume(case / f"{case.name}_{c}.nii.gz") for c in CHANNELS]
+    pre = Preprocessing(orientation=None, crop_foreground=False, normalize="none")
+    if model:
+        from medseg.inference.predictor import load_model
+
+        pre = dataclasses.replace(load_model(model).preprocessing, crop_foreground=False, normalize="none")
+    return get_scheme("brats").to_regions(pre.apply(vols, read_volume(seg)).label)
+
+
 def worker(args) -> None:
     from medseg.inference import InferenceSettings, sliding_window
     from medseg.inference.engine import autocast_dtype, channels_last_format
@@ -202,8 +222,10 @@ def main() -> None:
                 results[name].append(res)
                 print(f"  run {r + 1} {name:12s} {res['seconds']:7.2f} s  peak RSS {res['rss_mb']:.0f} MB", flush=True)
     ref = results["monai"][0]["labels"]
+    truth = reference_regions(Path(args.case), args.model)
     t_monai = statistics.median(x["seconds"] for x in results["monai"])
-    print(f"\n{'path':12s} {'median s':>9s} {'vs MONAI':>9s} {'peak MB':>8s} {'GFLOP/s':>8s} {'floor':>6s}  Dice WT/TC/ET vs MONAI, voxel agreement")
+    print(f"\n{'path':12s} {'median s':>9s} {'vs MONAI':>9s} {'peak MB':>8s} {'GFLOP/s':>8s} {'floor':>6s}  "
+          "Dice WT/TC/ET vs MONAI, voxel agreement; Dice WT/TC/ET vs ground truth")
     from medseg.inference import cpu_has_bf16
 
     amp_bf16 = args.amp == "on" or (args.amp == "auto" and cpu_has_bf16())
@@ -216,7 +238,8 @@ def main() -> None:
         lab = results[name][0]["labels"]
         dices = "/".join(f"{dice(lab[i], ref[i]):.4f}" for i in range(3))
         agree = float((lab == ref).all(0).mean())
-        print(f"{name:12s} {t:9.2f} {t_monai / t:8.2f}x {rss:8.0f} {rate:8.0f} {100 * rate / floor:5.0f}%  {dices}, {agree:.5f}")
+        gt = "/".join(f"{dice(lab[i], truth[i]):.4f}" for i in range(3)) if truth is not None else "-"
+        print(f"{name:12s} {t:9.2f} {t_monai / t:8.2f}x {rss:8.0f} {rate:8.0f} {100 * rate / floor:5.0f}%  {dices}, {agree:.5f}; {gt}")
 
 
 if __name__ == "__main__":

@@ -126,9 +126,14 @@ class Pipeline:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     base_dir: str = field(default=".", metadata={"internal": True})  # folder of the pipeline file
 
-    def to_dict(self) -> dict:
+    def to_dict(self, resolve_paths: bool = False) -> dict:
+        """Plain data; ``resolve_paths`` makes file paths absolute (the copy a run folder keeps can be moved)."""
         d = dataclasses.asdict(self)
         d.pop("base_dir")
+        if resolve_paths:
+            for key in ("manifest", "cache_dir"):
+                if d["data"][key] is not None:
+                    d["data"][key] = str(self.resolve(d["data"][key]))
         return _plain(d)
 
     def resolve(self, path: str | None) -> Path | None:

@@ -139,7 +139,7 @@ class Trainer:
         return {
             "model": self.step.config, "state_dict": model.state_dict(), "channels": self.channels,
             "label_scheme": self.scheme.to_dict(), "target": self.p.data.target,
-            "preprocessing": setup.p_pre_dict(self.p), "inference": self._inference_dict(), "pipeline": self.p.to_dict(),
+            "preprocessing": setup.p_pre_dict(self.p), "inference": self._inference_dict(), "pipeline": self.p.to_dict(resolve_paths=True),
             "epochs": self.epochs, **self.state,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -212,7 +212,7 @@ class Trainer:
         tb = None
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "pipeline.yaml", yaml.safe_dump(self.p.to_dict(), sort_keys=False))
+            write_text_atomic(self.run_dir / "pipeline.yaml", yaml.safe_dump(self.p.to_dict(resolve_paths=True), sort_keys=False))
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_epoch + 1)
