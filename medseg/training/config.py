@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from medseg.data.preprocess import Preprocessing
 from medseg.errors import MedsegError
 
 
@@ -39,15 +41,6 @@ class DataConfig:
     cache: str = "memory"  # memory | disk | none
     cache_dir: Optional[str] = None
     workers: int = 2
-
-
-@dataclass(frozen=True)
-class PreprocessingConfig:
-    orientation: Optional[str] = "RAS"
-    spacing: Optional[tuple[float, ...]] = None
-    crop_foreground: bool = True
-    margin: int = 2
-    normalize: str = "zscore_nonzero"
 
 
 @dataclass(frozen=True)
@@ -116,7 +109,7 @@ class Pipeline:
     seed: int = 0
     output_dir: Optional[str] = None  # default runs/<name>, relative to the working directory
     data: DataConfig = field(default_factory=DataConfig)
-    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -177,7 +170,7 @@ def _type_name(tp) -> str:
 def _coerce(value: Any, tp, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         errors = []

@@ -11,7 +11,6 @@ import torch
 from medseg.data.dataset import CaseCache, CaseData
 from medseg.data.labels import LabelScheme, get_scheme
 from medseg.data.manifest import Manifest, assign_folds, read_manifest
-from medseg.data.preprocess import Preprocessing
 from medseg.data.sampling import augment, choose_centre, crop_patch
 from medseg.errors import MedsegError
 from medseg.training.config import Pipeline
@@ -161,16 +160,8 @@ def build_scheduler(p: Pipeline, optimizer, epochs: int) -> torch.optim.lr_sched
 
 
 def load_cases(p: Pipeline, manifest: Manifest, scheme: LabelScheme, run_dir: Path, progress: bool) -> CaseCache:
-    pre = Preprocessing.from_dict(p_pre_dict(p))
+    pre = p.preprocessing
     cache_dir = None
     if p.data.cache == "disk":
         cache_dir = p.resolve(p.data.cache_dir) if p.data.cache_dir else run_dir / "cache"
     return CaseCache(manifest.cases, pre, scheme, cache_dir=cache_dir, workers=p.data.workers or 1, progress=progress)
-
-
-def p_pre_dict(p: Pipeline) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(p.preprocessing)
-    d["spacing"] = list(d["spacing"]) if d["spacing"] else None
-    return d

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import time
 from dataclasses import dataclass
@@ -80,8 +81,8 @@ class Trainer:
         self.scheme = setup.label_scheme(p, manifest)
         train_m, val_m = setup.split_cases(manifest, p)
         self.channels = list(manifest.channels)
-        cache = setup.load_cases(p, manifest.__class__(manifest.channels, train_m.cases + val_m.cases, manifest.label_scheme, manifest.path),
-                                 self.scheme, self.run_dir, options.progress and self.info.is_main)
+        used = dataclasses.replace(manifest, cases=train_m.cases + val_m.cases)
+        cache = setup.load_cases(p, used, self.scheme, self.run_dir, options.progress and self.info.is_main)
         self.train_cases = [cache[c.id] for c in train_m.cases]
         self.val_cases = [cache[c.id] for c in val_m.cases if c.label is not None]
         setup.check_patch_size(p, {c.id: c for c in self.train_cases})
@@ -139,7 +140,7 @@ class Trainer:
         return {
             "model": self.step.config, "state_dict": model.state_dict(), "channels": self.channels,
             "label_scheme": self.scheme.to_dict(), "target": self.p.data.target,
-            "preprocessing": setup.p_pre_dict(self.p), "inference": self._inference_dict(), "pipeline": self.p.to_dict(resolve_paths=True),
+            "preprocessing": self.p.preprocessing.to_dict(), "inference": self._inference_dict(), "pipeline": self.p.to_dict(resolve_paths=True),
             "epochs": self.epochs, **self.state,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
