@@ -53,13 +53,22 @@ def test_pipeline_file_and_overrides(tmp_path):
         load_pipeline(f, ["training.epochs=many"])
 
 
-def test_shipped_pipelines_are_valid():
+def test_shipped_pipelines_are_valid_and_their_models_take_their_sizes():
     from pathlib import Path
 
+    from medseg.data.labels import get_scheme
+    from medseg.models import check_input_size, create_model
+
     files = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
-    assert files, "pipelines/ is empty"
+    assert len(files) >= 6, "pipelines/ lacks shipped experiments"
     for f in files:
-        load_pipeline(f)
+        p = load_pipeline(f)
+        scheme = get_scheme(p.data.label_scheme or "brats")
+        out = len(scheme.regions) if p.data.target == "regions" else len(scheme.values)
+        with torch.device("meta"):  # no memory, no compute: only the architecture and its size rules
+            model = create_model(p.model.name, p.model.spatial_dims, 4, out, **p.model.kwargs)
+        check_input_size(model, tuple(p.sampling.patch_size))
+        check_input_size(model, p.roi_size)
 
 
 def test_patch_larger_than_every_volume_is_an_error():

@@ -41,6 +41,8 @@ def run(args) -> int:
     pipeline = load_pipeline(args.pipeline, args.overrides)
     result = train(pipeline, run_dir=args.output, resume=args.resume, extend_epochs=args.extend_epochs,
                    progress=not args.no_progress and sys.stderr.isatty())
-    if result["history"]:
+    if result["history"] and result["best_metric"] >= 0:
         print(f"{result['run_dir']}: {result['epochs']} epochs; best mean Dice {result['best_metric']:.4f} at epoch {result['best_epoch']}")
+    elif result["history"]:
+        print(f"{result['run_dir']}: {result['epochs']} epochs; no validation cases, so best.pt is the last epoch")
     return 0
