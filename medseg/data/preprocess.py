@@ -117,7 +117,7 @@ class Preprocessing:
         if self.spacing is not None:
             stack, lab, affine = self._resample(stack, lab, affine)
         resampled_shape = stack.shape[1:]
-        bbox = _foreground_bbox(stack, self.margin) if self.crop_foreground else tuple((0, s) for s in resampled_shape)
+        bbox = foreground_bbox(np.any(stack != 0, axis=0), self.margin) if self.crop_foreground else tuple((0, s) for s in resampled_shape)
         sl = tuple(slice(a, b) for a, b in bbox)
         stack = np.ascontiguousarray(stack[(slice(None), *sl)])
         lab = None if lab is None else np.ascontiguousarray(lab[sl])
@@ -187,15 +187,15 @@ def _invert_ornt(ornt: np.ndarray) -> np.ndarray:
     return inverse
 
 
-def _foreground_bbox(stack: np.ndarray, margin: int) -> tuple[tuple[int, int], ...]:
-    """Bounding box of voxels that are non-zero in any channel, grown by ``margin``; whole grid if none."""
-    mask = np.any(stack != 0, axis=0)
+def foreground_bbox(mask: np.ndarray, margin: int = 0) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` per axis of the bounding box of ``mask``, grown by ``margin`` within the array;
+    the whole array when ``mask`` is empty."""
     shape = mask.shape
     if not mask.any():
         return tuple((0, s) for s in shape)
     box = []
     for axis in range(mask.ndim):
         other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.nonzero(mask.any(axis=other))[0]
+        idx = np.flatnonzero(mask.any(axis=other))
         box.append((max(0, int(idx[0]) - margin), min(shape[axis], int(idx[-1]) + 1 + margin)))
     return tuple(box)

@@ -102,14 +102,11 @@ def gaussian_weights(roi: Sequence[int], sigma_scale: float = 0.125, floor: floa
 def foreground_box(mask: np.ndarray, min_size: Sequence[int] = ()) -> Box:
     """``(start, stop)`` per axis of the bounding box of ``mask``, grown (centred, within the array) to at least
     ``min_size`` where the array allows. An empty mask gives the whole array."""
+    from medseg.data.preprocess import foreground_bbox
+
     shape = mask.shape
-    if not mask.any():
-        return tuple((0, n) for n in shape)
     box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
+    for axis, (lo, hi) in enumerate(foreground_bbox(mask)):
         want = min(int(min_size[axis]) if axis < len(min_size) else 0, shape[axis])
         if hi - lo < want:
             lo = max(0, min(lo - (want - (hi - lo)) // 2, shape[axis] - want))

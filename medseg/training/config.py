@@ -163,6 +163,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_SCALARS = {  # type -> (accepts the YAML value, what to ask for)
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "text"),
+}
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -190,22 +198,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, dict):
             raise MedsegError(f"{key}: expected a mapping (key: value lines), got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise MedsegError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MedsegError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MedsegError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise MedsegError(f"{key}: expected text, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        accepts, expected = _SCALARS[tp]
+        if not accepts(value):
+            raise MedsegError(f"{key}: expected {expected}, got {value!r}")
+        return float(value) if tp is float else value
     return value
 
 
