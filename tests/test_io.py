@@ -221,3 +221,15 @@ def test_folder_without_dicom_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MedsegError, match=r"empty: a folder was given but it holds no DICOM series"):
         read_volume(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("suffix", [".mhd", ".nhdr"])
+def test_header_and_data_pairs_keep_final_names(tmp_path, suffix):
+    """Two-file formats: the data file the header names exists under its final name; nothing temporary is left."""
+    vol = Volume(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), np.diag([-1.5, 1.0, 2.0, 1.0]))
+    out = write_volume(vol, tmp_path / f"scan{suffix}")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert all(not n.startswith(".") for n in names), names
+    assert len(names) == 2 and all(n.startswith("scan.") for n in names)
+    back = read_volume(out)
+    assert np.array_equal(back.array, vol.array) and np.allclose(back.affine, vol.affine, atol=1e-6)

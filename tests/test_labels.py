@@ -144,3 +144,8 @@ def test_unknown_scheme_name_suggests():
     with pytest.raises(MedsegError) as info:
         get_scheme("zzz")
     assert "did you mean" not in str(info.value) and "valid schemes: " + ", ".join(list_schemes()) in str(info.value)
+
+
+def test_custom_scheme_with_non_integer_value_is_a_user_error():
+    with pytest.raises(MedsegError, match="label values must be integers"):
+        get_scheme({"name": "x", "labels": {"lesion": 1.5}})

@@ -223,3 +223,10 @@ def test_stray_folder_is_ignored_but_incomplete_case_is_not(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), str(tmp_path / "Case_2" / "Case_2_flair.nii.gz"))
     with pytest.raises(MedsegError, match="Case_2 has no t1 image"):
         build_manifest("brats2018", tmp_path)
+
+
+def test_json_images_list_must_match_the_channels(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"channels": ["t1", "t2"], "cases": [{"id": "a", "images": ["a.nii.gz", "b.nii.gz", "c.nii.gz"]}]}))
+    with pytest.raises(MedsegError, match="lists 3 images but the manifest has 2 channels"):
+        read_manifest(path)

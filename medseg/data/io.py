@@ -11,6 +11,7 @@ four MRI contrasts of a case in one 4D NIfTI): ``imagesTr/BRATS_001.nii.gz[2]``.
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import zlib
 from pathlib import Path
@@ -173,6 +174,8 @@ def write_volume(volume: Volume, path: str | Path, *, dtype: np.dtype | str | No
     if array.dtype == bool:  # neither NIfTI nor ITK stores booleans
         array = array.astype(np.uint8)
     suffix = _suffix(path)
+    if suffix in (".mhd", ".nhdr"):
+        return _write_two_files(Volume(array, volume.affine, volume.meta), path)
     with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
             img = nib.Nifti1Image(array, volume.affine, dtype=array.dtype)  # explicit: int64 is refused otherwise
@@ -192,6 +195,24 @@ def write_volume(volume: Volume, path: str | Path, *, dtype: np.dtype | str | No
             _write_itk(Volume(array, volume.affine, volume.meta), tmp)
         else:
             raise MedsegError(f"{path}: cannot write format '{suffix}'; use .nii.gz, .nii, .nrrd or .mha")
+    return path
+
+
+def _write_two_files(volume: Volume, path: Path) -> Path:
+    """A header + data pair (.mhd/.raw, .nhdr/.raw.gz): written under their final names in a temporary folder
+    beside the target, then moved, data file first, so the header never points to a missing or partial file."""
+    import shutil
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _write_itk(volume, staging / path.name)
+        header = staging / path.name
+        for item in sorted(staging.iterdir(), key=lambda f: f == header):  # the header last
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

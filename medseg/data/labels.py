@@ -58,7 +58,10 @@ class LabelScheme:
         unknown = set(spec) - {"name", "labels", "regions", "description"}
         if unknown:
             raise MedsegError(f"label scheme: unknown keys {sorted(unknown)}; allowed: name, labels, regions, description")
-        labels = {str(k): int(v) for k, v in dict(spec.get("labels") or {}).items()}
+        labels = dict(spec.get("labels") or {})
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+            raise MedsegError(f"label scheme {spec.get('name')!r}: label values must be integers, got {labels}")
+        labels = {str(k): int(v) for k, v in labels.items()}
         if any(v <= 0 for v in labels.values()) or len(set(labels.values())) != len(labels):
             raise MedsegError(f"label scheme {spec.get('name')!r}: label values must be distinct positive integers (0 is background), got {labels}")
         regions = {str(k): tuple(int(x) for x in v) for k, v in dict(spec.get("regions") or {}).items()}

@@ -189,6 +189,9 @@ def _parse_json(text: str, path: Path) -> Manifest:
     for i, entry in enumerate(data["cases"]):
         images = entry.get("images") or {}
         if isinstance(images, list):
+            if len(images) != len(channels):
+                raise MedsegError(f"{path}: case #{i} lists {len(images)} images but the manifest has {len(channels)} channels "
+                                  f"{list(channels)}; give one image per channel")
             images = dict(zip(channels, images))
         row = {"id": str(entry.get("id", "")), "label": entry.get("label") or "", "split": entry.get("split") or "",
                "fold": "" if entry.get("fold") is None else str(entry["fold"]), **{k: str(v) for k, v in images.items()}}
