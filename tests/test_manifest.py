@@ -230,3 +230,10 @@ def test_json_images_list_must_match_the_channels(tmp_path):
     path.write_text(json.dumps({"channels": ["t1", "t2"], "cases": [{"id": "a", "images": ["a.nii.gz", "b.nii.gz", "c.nii.gz"]}]}))
     with pytest.raises(MedsegError, match="lists 3 images but the manifest has 2 channels"):
         read_manifest(path)
+
+
+def test_csv_errors_name_the_file_line(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("# a comment without a colon\n# label_scheme: brats\nid,t1\na,a.nii.gz\n,b.nii.gz\n")
+    with pytest.raises(MedsegError, match="row 5 has an empty id"):
+        read_manifest(path)

@@ -125,7 +125,9 @@ def read_manifest(path: str | Path) -> Manifest:
 def _parse_csv(text: str, path: Path) -> Manifest:
     lines = text.splitlines()
     meta: dict[str, str] = {}
+    skipped = 0
     while lines and (lines[0].startswith("#") or not lines[0].strip()):
+        skipped += 1
         line = lines.pop(0).lstrip("#").strip()
         if ":" in line:
             key, value = line.split(":", 1)
@@ -141,7 +143,7 @@ def _parse_csv(text: str, path: Path) -> Manifest:
         raise MedsegError(f"{path}: no image columns; add one column per channel (e.g. flair,t1,t1ce,t2)")
     base = path.parent
     cases = []
-    for row_no, row in enumerate(reader, start=2 + len(meta)):
+    for row_no, row in enumerate(reader, start=2 + skipped):
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
         cases.append(_case_from_row(row, channels, base, path, row_no))
     scheme = meta.get("label_scheme") or None
