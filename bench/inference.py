@@ -84,41 +84,41 @@ def build_network(args) -> tuple[torch.nn.Module, str]:
     return PseudoTrained(net, args.net_weight), f"{args.net} ({params:.1f} M parameters), random init, pseudo-trained (w={args.net_weight})"
 
 
-def load_case(case: Path, model: str | None = None) -> np.ndarray:
-    """The z-scored case, uncropped (the naive path windows the whole volume). With ``--model``, the
-    checkpoint's own preprocessing (e.g. resampling to its spacing) is applied, without its foreground crop."""
+def bench_preprocessing(model: str | None, normalize: str = "zscore_nonzero"):
+    """The benchmark's preprocessing: z-score only, or the checkpoint's own (e.g. resampling to its spacing);
+    never a foreground crop, since the naive path windows the whole volume."""
     import dataclasses
 
-    from medseg.data.io import read_volume
     from medseg.data.preprocess import Preprocessing
 
-    vols = [read_volume(case / f"{case.name}_{c}.nii.gz") for c in CHANNELS]
-    pre = Preprocessing(orientation=None, crop_foreground=False, normalize="zscore_nonzero")
     if model:
         from medseg.inference.predictor import load_model
 
-        pre = dataclasses.replace(load_model(model).preprocessing, crop_foreground=False)
-    return pre.apply(vols).image  # (4, *spatial) float32, background 0
+        return dataclasses.replace(load_model(model).preprocessing, crop_foreground=False, normalize=normalize)
+    return Preprocessing(orientation=None, crop_foreground=False, normalize=normalize)
+
+
+def read_channels(case: Path) -> list:
+    from medseg.data.io import read_volume
+
+    return [read_volume(case / f"{case.name}_{c}.nii.gz") for c in CHANNELS]
+
+
+def load_case(case: Path, model: str | None = None) -> np.ndarray:
+    """The preprocessed case ``(4, *spatial)`` float32, background 0."""
+    return bench_preprocessing(model).apply(read_channels(case)).image
 
 
 def reference_regions(case: Path, model: str | None) -> np.ndarray | None:
     """Ground-truth regions WT/TC/ET on the benchmark's grid (the case's seg file), or None without one."""
-    import dataclasses
-
     from medseg.data.io import read_volume
     from medseg.data.labels import get_scheme
-    from medseg.data.preprocess import Preprocessing
 
     seg = case / f"{case.name}_seg.nii.gz"
     if not seg.exists():
         return None
-    vols = [read_volume(case / f"{case.name}_{c}.nii.gz") for c in CHANNELS]
-    pre = Preprocessing(orientation=None, crop_foreground=False, normalize="none")
-    if model:
-        from medseg.inference.predictor import load_model
-
-        pre = dataclasses.replace(load_model(model).preprocessing, crop_foreground=False, normalize="none")
-    return get_scheme("brats").to_regions(pre.apply(vols, read_volume(seg)).label)
+    prepared = bench_preprocessing(model, normalize="none").apply(read_channels(case), read_volume(seg))
+    return get_scheme("brats").to_regions(prepared.label)
 
 
 def worker(args) -> None:

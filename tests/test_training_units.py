@@ -194,3 +194,22 @@ def test_make_target_regions_and_indices():
     regions = make_target(label, scheme, "regions")
     assert regions.shape == (3, 2, 2) and regions[0].tolist() == [[0, 1], [1, 1]] and regions[2].tolist() == [[0, 0], [0, 1]]
     assert make_target(label, scheme, "labels").tolist() == [[[0, 1], [2, 3]]]
+
+
+def test_split_cases_by_fold_split_and_train_split():
+    from pathlib import Path
+
+    from medseg.data.manifest import Case, Manifest
+    from medseg.training.setup import split_cases
+
+    cases = tuple(Case(f"c{i}", {"t1": Path("x.nii.gz")}, Path("y.nii.gz"), split=s, fold=i % 3)
+                  for i, s in enumerate(["train", "val", "test", "train", "val", "test"]))
+    m = Manifest(("t1",), cases, "brats")
+    base = {"data": {"manifest": "m.csv"}}
+    train, val = split_cases(m, parse_pipeline({**base, "data": {"manifest": "m.csv", "val_fold": 1}}))
+    assert val.ids == ["c1", "c4"] and train.ids == ["c0", "c2", "c3", "c5"]
+    train, val = split_cases(m, parse_pipeline({"data": {"manifest": "m.csv", "val_fold": None, "val_split": "val",
+                                                          "train_split": "train"}}))
+    assert val.ids == ["c1", "c4"] and train.ids == ["c0", "c3"]
+    train, val = split_cases(m, parse_pipeline({"data": {"manifest": "m.csv", "val_fold": None}}))
+    assert val.ids == [] and len(train.ids) == 6

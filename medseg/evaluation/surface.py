@@ -30,14 +30,11 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
         >>> bounding_box(np.array([0, 0, 1, 1, 0, 0], bool), margin=1)
         (slice(1, 5, None),)
     """
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other) if other else mask)
-        if hit.size == 0:
-            return None
-        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
+    from medseg.data.preprocess import foreground_bbox
+
+    if not mask.any():
+        return None
+    return tuple(slice(a, b) for a, b in foreground_bbox(mask, margin))
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

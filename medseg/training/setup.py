@@ -29,25 +29,20 @@ def resolve_manifest(p: Pipeline, run_dir: Path, is_main: bool = True, progress:
     return path
 
 
+def _validates(case, p: Pipeline) -> bool:
+    if p.data.val_split is not None:
+        return case.split == p.data.val_split
+    return p.data.val_fold is not None and case.fold == p.data.val_fold
+
+
 def split_cases(manifest: Manifest, p: Pipeline) -> tuple[Manifest, Manifest]:
     """(train, validation) cases by ``data.val_split`` or ``data.val_fold`` (folds assigned if absent)."""
     m = manifest
-    if p.data.train_split is not None:
-        train = m.select(split=p.data.train_split)
-    if p.data.val_split is not None:
-        val = m.select(split=p.data.val_split)
-        if p.data.train_split is None:
-            train = replace(m, cases=tuple(c for c in m.cases if c.split != p.data.val_split))
-    elif p.data.val_fold is not None:
-        if all(c.fold is None for c in m.cases):
-            m = assign_folds(m, 5, p.seed)
-        val = m.select(folds=[p.data.val_fold])
-        if p.data.train_split is None:
-            train = m.select(exclude_folds=[p.data.val_fold])
-    else:
-        val = replace(m, cases=())
-        if p.data.train_split is None:
-            train = m
+    if p.data.val_split is None and p.data.val_fold is not None and all(c.fold is None for c in m.cases):
+        m = assign_folds(m, 5, p.seed)
+    val = replace(m, cases=tuple(c for c in m.cases if _validates(c, p)))
+    train = replace(m, cases=tuple(c for c in m.cases if not _validates(c, p)
+                                   and (p.data.train_split is None or c.split == p.data.train_split)))
     if not train.cases:
         raise MedsegError(f"{manifest.path}: no training cases after the split (val_fold={p.data.val_fold}, val_split={p.data.val_split}); check the folds/splits of the manifest")
     if any(c.label is None for c in train.cases):
