@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.runtime import PRECISIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASE = ROOT.parent / "shared" / "data" / "brats18" / "Brats18_2013_11_1"
 FLOOR = {"fp32": 346.0, "bf16": 1223.0}
@@ -191,7 +193,7 @@ def main() -> None:
     p.add_argument("--roi", type=int, default=128)
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch-size", type=int, default=2)
-    p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="medseg's mixed precision (MONAI runs fp32)")
+    p.add_argument("--amp", default="auto", choices=PRECISIONS, help="medseg's mixed precision (MONAI runs fp32)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -228,7 +230,7 @@ def main() -> None:
           "Dice WT/TC/ET vs MONAI, voxel agreement; Dice WT/TC/ET vs ground truth")
     from medseg.inference import cpu_has_bf16
 
-    amp_bf16 = args.amp == "on" or (args.amp == "auto" and cpu_has_bf16())
+    amp_bf16 = args.amp == "bf16" or (args.amp == "auto" and cpu_has_bf16())
     for name in paths:
         t = statistics.median(x["seconds"] for x in results[name])
         rss = max(x["rss_mb"] for x in results[name])

@@ -1,53 +1,147 @@
-"""Patches per second of the training data path (cache -> sampler -> crop -> augment -> batches).
+"""Patches per second of the training data path against the patches per second the network consumes.
 
-Measures the DataLoader exactly as the trainer builds it, on the synthetic demo data or a manifest, for several
-worker counts, and compares with the network's consumption rate (training steps per second) so it shows
-whether loading starves training.
+The data path is the trainer's: cache -> sampler -> crop with margin (a view) -> augmentation -> batches, through
+a DataLoader built as the trainer builds it, with augmentation off and with the pipeline's augmentation (nnU-Net's
+defaults in the shipped pipelines). The consumer is the pipeline's model at the same patch size and batch:
+seconds per training step (forward, backward, AdamW) on a fixed batch — what the trainer needs — and the same
+steps fed by the loader — what it gets when workers and training share the CPU. Rates are measured after the
+first batch (worker start-up excluded).
 
-    python bench/sampling.py                                   # synthetic data, patch 96^3, batch 2
-    python bench/sampling.py --manifest data_manifests/brats18.csv --patch 128 128 128
+    python bench/sampling.py                                   # the demo pipeline's model and patch, 8 synthetic cases
+    python bench/sampling.py --patch 96 96 96 --workers 0 1 2
+    python bench/sampling.py --pipeline pipelines/brats_unet3d_2mm.yaml --manifest data_manifests/brats18.csv
 """
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from medseg.data.manifest import read_manifest
 from medseg.data.synthetic import SyntheticSpec, generate_dataset
+from medseg.models import create_model
+from medseg.runtime import resolve_precision
 from medseg.training import setup
-from medseg.training.config import parse_pipeline
+from medseg.training.config import load_pipeline, parse_pipeline
+
+
+def _loader(ds, batch: int, workers: int):
+    kw = {"num_workers": workers, "multiprocessing_context": "fork", "prefetch_factor": 4} if workers else {}
+    return torch.utils.data.DataLoader(ds, batch_size=batch, drop_last=True, **kw)
+
+
+def cpu_seconds_per_patch(ds) -> float:
+    """CPU time of one patch in this process on one thread: the work itself, insensitive to other jobs' load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ds[0]
+    start = time.process_time()
+    for i in range(1, len(ds)):
+        ds[i]
+    torch.set_num_threads(threads)
+    return (time.process_time() - start) / (len(ds) - 1)
+
+
+def loader_rate(ds, batch: int, workers: int) -> float:
+    """Patches per second, from the first batch on."""
+    it = iter(_loader(ds, batch, workers))
+    next(it)
+    start, n = time.perf_counter(), 0
+    for x, _ in it:
+        n += x.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+class Trainer:
+    """The pipeline's model, AdamW and a sigmoid loss: one training step per call (the trainer's work per batch)."""
+
+    def __init__(self, p, in_channels: int, out_channels: int):
+        torch.manual_seed(0)
+        self.model = create_model(p.model.name, p.model.spatial_dims, in_channels, out_channels, **p.model.kwargs)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.precision = resolve_precision(p.training.amp, torch.device("cpu"))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with self.precision.autocast():
+            out = self.model(x)
+        loss = F.binary_cross_entropy_with_logits(out.float(), y.float())
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+
+def fixed_batch_seconds(trainer: Trainer, ds, batch: int, steps: int) -> float:
+    x, y = next(iter(_loader(ds, batch, 0)))
+    for _ in range(2):  # oneDNN sets up its primitives in the first steps
+        trainer.step(x, y)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.step(x, y)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fed_seconds(trainer: Trainer, ds, batch: int, workers: int) -> float:
+    """Seconds per step when the loader feeds the steps, from the first batch on."""
+    it = iter(_loader(ds, batch, workers))
+    trainer.step(*next(it))
+    start, n = time.perf_counter(), 0
+    for x, y in it:
+        trainer.step(x, y)
+        n += 1
+    return (time.perf_counter() - start) / n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", default="pipelines/demo.yaml", help="model, patch, batch and augmentation from here")
     ap.add_argument("--manifest", default=None, help="a manifest (default: 8 synthetic cases of 160x160x128)")
-    ap.add_argument("--patch", type=int, nargs=3, default=[96, 96, 96])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--batches", type=int, default=40)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--patch", type=int, nargs="+", default=None, help="default: the pipeline's")
+    ap.add_argument("--batch", type=int, default=None, help="default: the pipeline's")
+    ap.add_argument("--batches", type=int, default=40, help="batches per loader measurement")
+    ap.add_argument("--steps", type=int, default=10, help="training steps per step measurement")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()
     manifest = args.manifest or generate_dataset(Path(tmp.name), 8, SyntheticSpec(shape=(160, 160, 128)), seed=0)
-    p = parse_pipeline({"data": {"manifest": str(Path(manifest).resolve()), "label_scheme": "brats", "val_fold": None},
-                        "sampling": {"patch_size": args.patch, "batch_size": args.batch}})
+    d = load_pipeline(args.pipeline).to_dict()
+    d["data"] = {"manifest": str(Path(manifest).resolve()), "label_scheme": "brats", "val_fold": None}
+    d["sampling"].update({k: v for k, v in (("patch_size", args.patch), ("batch_size", args.batch)) if v is not None})
+    d["inference"]["roi_size"] = None
+    p = parse_pipeline(d)
+    off = parse_pipeline({**d, "augmentation": {**d["augmentation"], "enabled": False}})
     m = read_manifest(manifest)
     scheme = setup.label_scheme(p, m)
-    t = time.perf_counter()
     cache = setup.load_cases(p, m, scheme, Path(tmp.name), progress=False)
-    print(f"cases: {len(cache)} loaded and preprocessed in {time.perf_counter() - t:.1f} s")
-    ds = setup.PatchDataset(list(cache.values()), p, scheme, length=args.batches * args.batch)
-    print(f"patch {args.patch}, batch {args.batch}, sampler {p.sampling.sampler}")
-    for workers in args.workers:
-        kw = {"num_workers": workers, "multiprocessing_context": "fork", "prefetch_factor": 4} if workers else {}
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, drop_last=True, **kw)
-        t = time.perf_counter()
-        n = sum(x.shape[0] for x, _ in loader)
-        dt = time.perf_counter() - t
-        print(f"workers {workers}: {n / dt:8.1f} patches/s  ({n} patches in {dt:.2f} s, worker start included)")
+    cases, batch, patch = list(cache.values()), p.sampling.batch_size, list(p.sampling.patch_size)
+    channels = cases[0].image.shape[0]
+    trainer = Trainer(p, channels, setup.out_channels(scheme, p.data.target))
+    print(f"load average {os.getloadavg()[0]:.1f}; {len(cases)} cases; model {p.model.name} {p.model.kwargs}; patch {patch}, "
+          f"batch {batch}; {trainer.precision.name}, {torch.get_num_threads()} threads")
+    step = fixed_batch_seconds(trainer, setup.PatchDataset(cases, p, scheme, batch), batch, args.steps)
+    needed = batch / step
+    print(f"training step on a fixed batch: {step:.3f} s -> the trainer consumes {needed:.1f} patches/s")
+    settings = (("off", off), ("pipeline (nnU-Net defaults)", p))
+    for name, q in settings:
+        cpu = cpu_seconds_per_patch(setup.PatchDataset(cases, q, scheme, args.batches * batch))
+        print(f"augmentation {name}: {1000 * cpu:.1f} ms CPU per patch on one thread -> one core makes "
+              f"{1 / cpu:.0f} patches/s, {1 / cpu / needed:.1f}x what the trainer consumes")
+    print("\n| augmentation | workers | loader patches/s | loader / consumed | s/step fed by the loader | vs fixed batch |")
+    print("|---|---|---|---|---|---|")
+    for name, q in settings:
+        for workers in args.workers:
+            rate = loader_rate(setup.PatchDataset(cases, q, scheme, (args.batches + 1) * batch), batch, workers)
+            fed = fed_seconds(trainer, setup.PatchDataset(cases, q, scheme, (args.steps + 1) * batch), batch, workers)
+            print(f"| {name} | {workers} | {rate:.1f} | {rate / needed:.1f}x | {fed:.3f} | {fed / step:.2f}x |", flush=True)
+    again = fixed_batch_seconds(trainer, setup.PatchDataset(cases, p, scheme, batch), batch, args.steps)
+    print(f"\ntraining step on a fixed batch, measured again: {again:.3f} s (the machine's noise; load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

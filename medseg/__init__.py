@@ -1,7 +1,7 @@
 """medseg: medical volumetric segmentation.
 
 Train on BraTS-style multi-modal scans, predict in the scan's own geometry, and report Dice.
-The Python API mirrors the command line: ``medseg.train``, ``medseg.predict``, ``medseg.evaluate``
+The Python API mirrors the command line: ``medseg.train``, ``medseg.predict``, ``medseg.evaluate``, ``medseg.plan``
 (imported on first use, so ``import medseg`` stays light).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ _LAZY = {
     "load_pipeline": ("medseg.training.config", "load_pipeline"),
     "predict": ("medseg.inference", "predict"),
     "evaluate": ("medseg.evaluation", "evaluate"),
+    "plan": ("medseg.planning", "plan"),
     "create_model": ("medseg.models", "create_model"),
     "read_volume": ("medseg.data.io", "read_volume"),
     "write_volume": ("medseg.data.io", "write_volume"),

@@ -4,7 +4,8 @@ Keys: ``format`` ("medseg-checkpoint"), ``version``, ``model`` ({name, spatial_d
 kwargs}), ``state_dict``, ``channels``, ``label_scheme`` (dict), ``target`` ("regions" | "labels"),
 ``preprocessing`` (dict), ``inference`` (dict), ``pipeline`` (the resolved pipeline), and for resuming:
 ``epoch`` (completed epochs), ``best_metric``, ``best_epoch``, ``history`` (one dict per epoch),
-``optimizer``, ``scheduler``, ``scaler``, ``rng``.
+``smoothed``, ``optimizer``, ``scaler``, ``rng`` (the learning rate follows from the epoch; a ``scheduler`` entry of older
+checkpoints is ignored).
 """
 from __future__ import annotations
 

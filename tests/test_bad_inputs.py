@@ -36,12 +36,12 @@ def _label() -> np.ndarray:
 
 def _write_dataset(root: Path) -> Path:
     """A valid 2-case BraTS-like dataset with manifest ``root/m.csv``."""
-    rows = ["# label_scheme: brats", "id," + ",".join(CHANNELS) + ",label"]
+    rows = ["id," + ",".join(CHANNELS) + ",label,label_scheme"]
     for cid in IDS:
         for k, ch in enumerate(CHANNELS):
             write_volume(Volume(_image(100 + k), AFFINE), root / cid / f"{cid}_{ch}.nii.gz")
         write_volume(Volume(_label(), AFFINE), root / cid / f"{cid}_seg.nii.gz")
-        rows.append(",".join([cid, *(f"{cid}/{cid}_{ch}.nii.gz" for ch in CHANNELS), f"{cid}/{cid}_seg.nii.gz"]))
+        rows.append(",".join([cid, *(f"{cid}/{cid}_{ch}.nii.gz" for ch in CHANNELS), f"{cid}/{cid}_seg.nii.gz", "brats"]))
     (root / "m.csv").write_text("\n".join(rows) + "\n")
     return root / "m.csv"
 
@@ -172,7 +172,7 @@ def _empty_cell(m: Path) -> tuple[str, str]:
 
 
 def _header_only(m: Path) -> tuple[str, str]:
-    m.write_text("\n".join(m.read_text().splitlines()[:2]) + "\n")
+    m.write_text(m.read_text().splitlines()[0] + "\n")
     return "m.csv", "no cases"
 
 
@@ -195,8 +195,14 @@ def _duplicate(m: Path) -> tuple[str, str]:
 
 
 def _unknown_scheme(m: Path) -> tuple[str, str]:
-    m.write_text(m.read_text().replace("# label_scheme: brats", "# label_scheme: brats2032"))
+    m.write_text(m.read_text().replace(",brats\n", ",brats2032\n"))
     return "brats2032", "did you mean 'brats2023'"
+
+
+def _schemes_disagree(m: Path) -> tuple[str, str]:
+    lines = m.read_text().splitlines()
+    m.write_text("\n".join([*lines[:-1], lines[-1].replace(",brats", ",brats2023")]) + "\n")
+    return "m.csv", "label_scheme is not the same on every row ('brats' in row 2, 'brats2023' in row 3)"
 
 
 def _not_found(m: Path) -> tuple[str, str]:
@@ -217,7 +223,7 @@ def _json_cases_not_objects(m: Path) -> tuple[str, str]:
 
 MANIFEST_DAMAGES = {"binary": _binary, "json-cases-not-objects": _json_cases_not_objects, "empty-cell": _empty_cell, "header-only": _header_only, "empty-file": _empty_file,
                     "json-without-cases": _json_without_cases, "duplicate-id": _duplicate,
-                    "unknown-scheme": _unknown_scheme, "not-found": _not_found}
+                    "unknown-scheme": _unknown_scheme, "schemes-disagree": _schemes_disagree, "not-found": _not_found}
 
 
 @pytest.mark.parametrize("name", MANIFEST_DAMAGES)
@@ -236,7 +242,7 @@ def test_bad_manifest_one_line(dataset, capsys, name):
 def test_unknown_scheme_option(valid_dataset, capsys):
     code, errors, text = _run(capsys, ["validate", str(valid_dataset), "--scheme", "bratz"])
     assert code == 1 and len(errors) == 1, text
-    assert "unknown label scheme 'bratz' (did you mean 'brats'?)" in errors[0]
+    assert "label scheme: 'bratz' is not valid (did you mean 'brats'?)" in errors[0]
 
 
 def test_wrong_scheme_option_reports_each_case(valid_dataset, capsys):

@@ -64,8 +64,8 @@ def test_manifest_and_validate_real_brats(shared_data, tmp_path, capsys, monkeyp
     assert "10 cases" in out and "10 with labels" in out
     m = read_manifest("m.csv")
     assert len(m) == 10 and m.channels == ("flair", "t1", "t1ce", "t2") and m.label_scheme == "brats"
-    assert all(c.label is not None and c.label.name == f"{c.id}_seg.nii.gz" for c in m)
-    assert all(p.name == f"{c.id}_{ch}.nii.gz" for c in m for ch, p in c.images.items())
+    assert all(c.label is not None and c.label.path.name == f"{c.id}_seg.nii.gz" for c in m)
+    assert all(ref.path.name == f"{c.id}_{ch}.nii.gz" for c in m for ch, ref in c.images.items())
     assert main(["validate", "m.csv"]) == 0
     captured = capsys.readouterr()
     assert "m.csv: valid" in captured.out and "error:" not in captured.err

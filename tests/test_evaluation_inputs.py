@@ -67,6 +67,7 @@ def test_missing_prediction_is_a_counted_row(dataset):
     (dataset["preds"] / "case1.nii.gz").unlink()
     res = evaluate(dataset["preds"], dataset["manifest"])
     missing = res.cases[res.cases["id"] == "case1"]
+    assert len(missing) == 7  # 3 classes, 3 regions, the case row: an empty selection would pass the next line
     assert (missing["status"] == "missing").all() and missing["dice"].isna().all()
     dice_wt = res.summary.query("target == 'WT' and metric == 'dice'").iloc[0]
     assert (dice_wt["count"], dice_wt["missing"]) == (2, 1)
@@ -80,7 +81,8 @@ def test_prediction_on_another_grid(dataset):
     with pytest.raises(MedsegError, match="case case0.*not on the ground truth's grid.*--resample"):
         evaluate(dataset["preds"], dataset["manifest"])
     res = evaluate(dataset["preds"], dataset["manifest"], resample=True)
-    assert (res.cases.query("id == 'case0' and kind != 'case'")["dice"] == 1).all()
+    rows = res.cases.query("id == 'case0' and kind != 'case'")
+    assert len(rows) == 6 and (rows["dice"] == 1).all()
     write_volume(Volume(ref.array[:-2], AFFINE), dataset["preds"] / "case0.nii.gz")
     assert main(["evaluate", "--predictions", str(dataset["preds"]), "--manifest", str(dataset["manifest"]),
                  "--output", str(dataset["root"] / "r")]) == 1
@@ -96,7 +98,8 @@ def test_label_values_outside_the_scheme_and_conversion(dataset, capsys):
     assert err.startswith("error: case case0") and "label value(s) 3" in err and "--prediction-scheme" in err
     assert main(args + ["--prediction-scheme", "brats2023"]) == 0
     res = evaluate(dataset["preds"], dataset["manifest"], prediction_scheme="brats2023")
-    assert (res.cases.query("kind != 'case'")["dice"] == 1).all()
+    rows = res.cases.query("kind != 'case'")
+    assert len(rows) == 3 * 6 and (rows["dice"] == 1).all()
 
 
 def test_duplicate_ids_and_ambiguous_predictions(dataset, capsys):

@@ -87,6 +87,26 @@ def _blob_image(shape=(40, 36, 28), seed=0):
     return torch.from_numpy(x)
 
 
+def _whole_volume_labels(net, x: torch.Tensor) -> torch.Tensor:
+    """Argmax of one fp32 pass over the whole volume: the engine's reference inside the image's foreground.
+
+    The image is zero outside its blob, so a window reaching at least the receptive field (2 voxels here) past the
+    blob sees exactly what the whole-volume pass sees there; no window planning or stitching is involved.
+    """
+    with torch.inference_mode():
+        return net(x[None].float())[0].argmax(0).cpu()
+
+
+def _foreground_agreement(pred: torch.Tensor, ref: torch.Tensor, region: torch.Tensor) -> float:
+    """Agreement of two label maps over the voxels of ``region`` that either labels foreground (class != 0).
+
+    Voxels both call background are left out: an all-background output scores 0, not the background share.
+    """
+    union = ((pred != 0) | (ref != 0)) & region
+    assert union.sum() > 0.5 * region.sum(), "the reference labels too little foreground for a meaningful check"
+    return float(((pred == ref) & union).sum() / union.sum())
+
+
 def test_skipping_empty_windows_keeps_foreground_output():
     net = _net3d()
     x = _blob_image()
@@ -165,14 +185,18 @@ def test_tta_mirroring():
 def test_amp_resolution_and_bf16_cpu_run():
     cpu = torch.device("cpu")
     assert engine.autocast_dtype("off", cpu) is None
-    assert engine.autocast_dtype("on", cpu) == torch.bfloat16
+    assert engine.autocast_dtype("bf16", cpu) == torch.bfloat16
     assert engine.autocast_dtype("auto", cpu) == (torch.bfloat16 if engine.cpu_has_bf16() else None)
     net = _net3d()
     x = _blob_image()
+    fg = (x != 0).any(0)  # ~4 % of the volume; outside it the engine gives the fill (background) by design
+    ref = _whole_volume_labels(net, x)
     a = sliding_window(net, x, InferenceSettings(roi_size=(16, 16, 16), amp="off", device="cpu"))
-    b = sliding_window(net, x, InferenceSettings(roi_size=(16, 16, 16), amp="on", device="cpu"))
+    b = sliding_window(net, x, InferenceSettings(roi_size=(16, 16, 16), amp="bf16", device="cpu"))
     assert b.dtype == torch.float32
-    assert (a.argmax(0) == b.argmax(0)).float().mean() > 0.97
+    assert torch.equal(a.argmax(0)[fg], ref[fg])  # fp32: the same labels as one pass over the whole volume
+    # bf16 flips the labels of a few near-ties only (measured: 99.8 % agree; shifted by one voxel: 26-29 %; all background: 0 %)
+    assert _foreground_agreement(b.argmax(0), ref, fg) > 0.97
 
 
 def test_settings_are_validated():
@@ -212,12 +236,13 @@ def test_cuda_oom_while_stitching_on_gpu_retries_on_cpu(monkeypatch):
 def test_gpu_windows_match_cpu(stitch):
     net = _net3d()
     x = _blob_image()
+    fg, labels = (x != 0).any(0), _whole_volume_labels(net, x)
     ref = sliding_window(net, x, InferenceSettings(roi_size=(16, 16, 16), **FP32))
     out = sliding_window(net.cuda(), x, InferenceSettings(roi_size=(16, 16, 16), amp="off", device="cuda", stitch=stitch))
     assert out.device.type == ("cuda" if stitch == "device" else "cpu")
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
-    half = sliding_window(net, x, InferenceSettings(roi_size=(16, 16, 16), amp="on", device="cuda"))
-    assert (half.cpu().argmax(0) == ref.argmax(0)).float().mean() > 0.97
+    half = sliding_window(net, x, InferenceSettings(roi_size=(16, 16, 16), amp="auto", device="cuda", stitch=stitch))
+    assert _foreground_agreement(half.cpu().argmax(0), labels, fg) > 0.97
 
 
 def test_windows_with_foreground_keeps_exactly_the_windows_touching_it():

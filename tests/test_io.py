@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.data.io import read_volume, split_channel, write_volume
+from medseg.data.io import ImageRef, read_volume, write_volume
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError
 
@@ -65,9 +66,33 @@ def test_round_trip_4d_channels_and_channel_selection(tmp_path):
         read_volume(f"{tmp_path / 'three.nii.gz'}[0]")
 
 
-def test_split_channel():
-    assert split_channel("a/b.nii.gz[2]") == (split_channel("a/b.nii.gz")[0], 2)
-    assert split_channel("a/b.nii.gz")[1] is None
+@pytest.mark.parametrize("text, path, channel", [
+    ("a/b.nii.gz[2]", "a/b.nii.gz", 2),
+    ("a/b.nii.gz", "a/b.nii.gz", None),
+    ("a/b.nii.gz[12]", "a/b.nii.gz", 12),
+    ("scan[1]v2.nii.gz", "scan[1]v2.nii.gz", None),  # brackets inside a name are part of the path
+])
+def test_image_ref_parse_and_text_round_trip(text, path, channel):
+    ref = ImageRef.parse(text)
+    assert (ref.path, ref.channel) == (Path(path), channel)
+    assert str(ref) == text and ImageRef.parse(str(ref)) == ref
+    assert ImageRef.parse(text, base="/data") == ImageRef(Path("/data") / path, channel)  # relative to a manifest's folder
+    assert ImageRef.parse(f"/abs/{text}", base="/data").path == Path("/abs") / path
+
+
+def test_image_ref_rejects_a_negative_channel():
+    with pytest.raises(MedsegError, match="non-negative integer"):
+        ImageRef(Path("a.nii.gz"), -1)
+
+
+def test_read_volume_of_an_image_ref_selects_its_channel(tmp_path):
+    array = np.arange(6 * 5 * 4 * 3, dtype=np.int16).reshape(6, 5, 4, 3)
+    path = write_volume(Volume(array, _oblique_affine()), tmp_path / "four.nii.gz")
+    for c in range(3):
+        np.testing.assert_array_equal(read_volume(ImageRef(path, c)).array, array[..., c])
+    assert read_volume(ImageRef(path)).array.shape == (6, 5, 4, 3)
+    with pytest.raises(MedsegError, match=r"four.nii.gz\[3\]: the 4D image has 3 channels"):
+        read_volume(ImageRef(path, 3))
 
 
 def test_int64_and_bool_arrays_are_writable(tmp_path):

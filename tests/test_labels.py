@@ -139,11 +139,11 @@ def test_bad_custom_schemes(spec, match):
 
 
 def test_unknown_scheme_name_suggests():
-    with pytest.raises(MedsegError, match=r"unknown label scheme 'brats2032' \(did you mean 'brats2023'\?\)"):
+    with pytest.raises(MedsegError, match=r"label scheme: 'brats2032' is not valid \(did you mean 'brats2023'\?\)"):
         get_scheme("brats2032")
     with pytest.raises(MedsegError) as info:
         get_scheme("zzz")
-    assert "did you mean" not in str(info.value) and "valid schemes: " + ", ".join(list_schemes()) in str(info.value)
+    assert "did you mean" not in str(info.value) and "choose one of " + ", ".join(list_schemes()) in str(info.value)
 
 
 def test_custom_scheme_with_non_integer_value_is_a_user_error():

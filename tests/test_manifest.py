@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from medseg.data.io import read_volume, write_volume
+from medseg.data.io import ImageRef, read_volume, write_volume
 from medseg.data.layouts import build_manifest, detect_layout
 from medseg.data.manifest import Case, Manifest, assign_folds, read_manifest, write_manifest
 from medseg.data.volume import Volume
@@ -72,8 +73,8 @@ def test_brats2018(tmp_path):
     assert m.channels == ("flair", "t1", "t1ce", "t2") and m.label_scheme == "brats"
     assert m.ids == ["Brats18_A_1", "Brats18_B_1"]
     case = m["Brats18_B_1"]
-    assert [p.name for p in case.images.values()] == [f"Brats18_B_1_{c}.nii.gz" for c in m.channels]
-    assert case.label.name == "Brats18_B_1_seg.nii.gz"
+    assert [ref.path.name for ref in case.images.values()] == [f"Brats18_B_1_{c}.nii.gz" for c in m.channels]
+    assert case.label.path.name == "Brats18_B_1_seg.nii.gz"
 
 
 def test_brats2021(tmp_path):
@@ -81,8 +82,8 @@ def test_brats2021(tmp_path):
     (tmp_path / "notes").mkdir()  # a stray folder is not a case
     m = build_manifest("brats2021", tmp_path)
     assert m.ids == ["BraTS2021_00000", "BraTS2021_00002"] and m.label_scheme == "brats"
-    assert m["BraTS2021_00000"].images["t1ce"].name == "BraTS2021_00000_t1ce.nii.gz"
-    assert m["BraTS2021_00000"].label.name == "BraTS2021_00000_seg.nii.gz"
+    assert m["BraTS2021_00000"].images["t1ce"].path.name == "BraTS2021_00000_t1ce.nii.gz"
+    assert m["BraTS2021_00000"].label.path.name == "BraTS2021_00000_seg.nii.gz"
 
 
 def test_brats2023_maps_channels(tmp_path):
@@ -91,9 +92,9 @@ def test_brats2023_maps_channels(tmp_path):
     case = m["BraTS-GLI-00003-001"]
     expected = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}
     for channel, suffix in expected.items():
-        assert case.images[channel].name == f"BraTS-GLI-00003-001-{suffix}.nii.gz"
+        assert case.images[channel].path.name == f"BraTS-GLI-00003-001-{suffix}.nii.gz"
     assert read_volume(case.images["t1ce"]).array.flat[0] == 30  # the t1c file, read through the manifest
-    assert case.label.name == "BraTS-GLI-00003-001-seg.nii.gz"
+    assert case.label.path.name == "BraTS-GLI-00003-001-seg.nii.gz"
 
 
 def test_msd_channels_select_the_right_4d_channel(tmp_path):
@@ -105,14 +106,15 @@ def test_msd_channels_select_the_right_4d_channel(tmp_path):
         assert str(case.images[channel]).endswith(f"BRATS_002.nii.gz[{c}]")
         vol = read_volume(case.images[channel])
         assert vol.array.shape == SHAPE and np.all(vol.array == 100 + c)
-    assert case.label == tmp_path / "labelsTr" / "BRATS_002.nii.gz"
+    assert case.label == ImageRef(tmp_path / "labelsTr" / "BRATS_002.nii.gz")
+    assert case.images["t1"] == ImageRef(tmp_path / "imagesTr" / "BRATS_002.nii.gz", m.channels.index("t1"))
 
 
 def test_nnunet(tmp_path):
     m = build_manifest("nnunet", make_nnunet(tmp_path))
     assert m.channels == ("ct", "pet") and m.ids == ["case_a", "case_b"]
-    assert m["case_b"].images["pet"].name == "case_b_0001.nii.gz"
-    assert m["case_b"].label.name == "case_b.nii.gz"
+    assert m["case_b"].images["pet"].path.name == "case_b_0001.nii.gz"
+    assert m["case_b"].label.path.name == "case_b.nii.gz"
     assert m.label_scheme == {"name": tmp_path.name, "labels": {"liver": 1, "tumour": 2}, "regions": {}}
 
 
@@ -128,7 +130,7 @@ def test_unknown_layouts(tmp_path):
     (tmp_path / "random").mkdir()
     with pytest.raises(MedsegError, match="no known layout found"):
         build_manifest("auto", tmp_path)
-    with pytest.raises(MedsegError, match=r"unknown layout 'nnunnet' \(did you mean 'nnunet'\?\)"):
+    with pytest.raises(MedsegError, match=r"layout: 'nnunnet' is not valid \(did you mean 'nnunet'\?\); choose one of auto, "):
         build_manifest("nnunnet", tmp_path)
     with pytest.raises(MedsegError, match="not a folder"):
         build_manifest("auto", tmp_path / "missing")
@@ -163,9 +165,9 @@ def test_csv_and_json_read_back_equal(tmp_path, layout, maker):
     for got, want in zip(from_csv, built):
         assert got.id == want.id and got.channels == want.channels
         for ch in built.channels:
-            assert str(got.images[ch]).endswith("]") == str(want.images[ch]).endswith("]")
-            assert Path(str(got.images[ch]).split("[")[0]).resolve() == Path(str(want.images[ch]).split("[")[0]).resolve()
-        assert got.label.resolve() == want.label.resolve()
+            assert got.images[ch].channel == want.images[ch].channel
+            assert got.images[ch].path.resolve() == want.images[ch].path.resolve()
+        assert got.label.path.resolve() == want.label.path.resolve()
     # paths are stored relative to the manifest file
     assert "../data/" in csv_path.read_text() and str(tmp_path) not in csv_path.read_text()
     assert all(not Path(p).is_absolute() for p in json.loads(json_path.read_text())["cases"][0]["images"].values())
@@ -194,7 +196,7 @@ def test_hand_written_manifests(tmp_path):
     m = read_manifest(tmp_path / "m.csv")
     assert m.channels == ("ct", "pet") and m.label_scheme == {"name": "x", "labels": {"fg": 1}, "regions": {}}
     assert m["a"].label is None and m["a"].split == "train" and m.select(split="val").cases == ()
-    assert m["a"].images["pet"] == Path(f"{tmp_path / 'a' / 'four.nii.gz'}[1]")
+    assert m["a"].images["pet"] == ImageRef(tmp_path / "a" / "four.nii.gz", 1)
     (tmp_path / "m.json").write_text(json.dumps({"channels": ["ct", "pet"], "cases": [
         {"id": "a", "images": ["a/img.nii.gz", "a/four.nii.gz[1]"], "split": "train"}]}))
     assert read_manifest(tmp_path / "m.json") == Manifest(("ct", "pet"), m.cases, None)
@@ -236,4 +238,64 @@ def test_csv_errors_name_the_file_line(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("# a comment without a colon\n# label_scheme: brats\nid,t1\na,a.nii.gz\n,b.nii.gz\n")
     with pytest.raises(MedsegError, match="row 5 has an empty id"):
+        read_manifest(path)
+
+
+# ----------------------------------------------------------------------------- the label scheme is a column
+@pytest.mark.parametrize("scheme", ["msd", {"name": "x", "labels": {"fg": 1, "edge": 2}, "regions": {"all": [1, 2]}}])
+def test_written_csv_is_a_plain_table(tmp_path, scheme):
+    """pandas reads a written manifest as the case table: one row per case, the scheme an ordinary column."""
+    import pandas as pd
+
+    built = replace(assign_folds(build_manifest("msd", make_msd(tmp_path / "data")), n_folds=2), label_scheme=scheme)
+    path = write_manifest(built, tmp_path / "m.csv")
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["id", *built.channels, "label", "fold", "label_scheme"]
+    assert len(table) == len(built) and list(table["id"]) == built.ids
+    assert list(table["t1"]) == [f"data/imagesTr/{i}.nii.gz[{built.channels.index('t1')}]" for i in built.ids]
+    assert [json.loads(s) if s.startswith("{") else s for s in table["label_scheme"]] == [scheme] * len(built)
+    assert read_manifest(path) == built
+
+
+def test_old_manifest_with_a_scheme_comment_line_still_reads(tmp_path):
+    data = make_brats2018(tmp_path / "data")
+    new = write_manifest(build_manifest("brats2018", data), tmp_path / "new.csv")
+    lines = new.read_text().splitlines()
+    assert lines[0].endswith(",label_scheme") and all(line.endswith(",brats") for line in lines[1:])
+    old = tmp_path / "old.csv"  # the format before the column: a comment line above the header
+    old.write_text("\n".join(["# label_scheme: brats", *(line.rsplit(",", 1)[0] for line in lines)]) + "\n")
+    assert read_manifest(old).label_scheme == "brats"
+    assert read_manifest(old).cases == read_manifest(new).cases
+
+
+def test_shipped_manifest_is_a_plain_table():
+    import pandas as pd
+
+    path = Path(__file__).parents[1] / "data_manifests" / "brats18.csv"
+    table = pd.read_csv(path)
+    assert len(table) == 10 and set(table["label_scheme"]) == {"brats"} and table["id"].is_unique
+    assert all(p.startswith("../../shared/data/brats18/") for p in table["flair"])
+    assert read_manifest(path).label_scheme == "brats"
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("id,t1,label_scheme\na,a.nii.gz,brats\nb,b.nii.gz,brats2023\n", "'brats' in row 2, 'brats2023' in row 3"),
+    ("id,t1,label_scheme\na,a.nii.gz,brats\nb,b.nii.gz,\n", "'brats' in row 2, an empty cell in row 3"),
+    ("# label_scheme: msd\nid,t1,label_scheme\na,a.nii.gz,brats\n", "'brats' in row 3, 'msd' in the '# label_scheme:' line"),
+])
+def test_rows_with_different_schemes_are_an_error(tmp_path, text, shown):
+    path = tmp_path / "m.csv"
+    path.write_text(text)
+    with pytest.raises(MedsegError, match="m.csv: label_scheme is not the same on every row") as info:
+        read_manifest(path)
+    assert shown in str(info.value) and "\n" not in str(info.value)
+
+
+def test_scheme_column_agreeing_with_the_comment_line_and_json_cells(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('# label_scheme: {"name": "x", "labels": {"fg": 1}}\nid,t1,label_scheme\n'
+                    'a,a.nii.gz,"{""name"":""x"",""labels"":{""fg"":1}}"\nb,b.nii.gz,"{""labels"": {""fg"": 1}, ""name"": ""x""}"\n')
+    assert read_manifest(path).label_scheme == {"name": "x", "labels": {"fg": 1}}
+    path.write_text('id,t1,label_scheme\na,a.nii.gz,{"name": \n')
+    with pytest.raises(MedsegError, match="label_scheme of row 2 is not valid JSON"):
         read_manifest(path)

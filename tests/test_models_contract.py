@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from medseg.errors import MedsegError
-from medseg.models import MODELS, build_from_config, check_input_size, create_model, list_models, model_config
+from medseg.models import (MODELS, TrainOutput, build_from_config, check_input_size, create_model, forward_train, list_models,
+                           model_config)
 
 IN_CHANNELS, OUT_CHANNELS, BATCH = 2, 3, 2
 TARGET = {2: (64, 48), 3: (32, 24, 16)}  # a different size on every axis
@@ -55,12 +56,15 @@ def test_forward_shape_train_and_eval(name: str, dims: int, k: int) -> None:
     expected = (BATCH, OUT_CHANNELS, *x.shape[2:])
     out = model.train()(x)
     assert isinstance(out, torch.Tensor) and tuple(out.shape) == expected
-    for aux in getattr(model, "aux_outputs", []):
+    train_out = forward_train(model, x)
+    assert isinstance(train_out, TrainOutput) and tuple(train_out.seg.shape) == expected
+    for aux in train_out.aux:
         assert isinstance(aux, torch.Tensor) and aux.shape[:2] == out.shape[:2]
+    assert bool(train_out.aux) == bool(getattr(model, "deep_supervision", False))
+    assert not hasattr(model, "aux_outputs")  # nothing stored on the module: forward passes are re-entrant
     with torch.no_grad():
         out = model.eval()(x)
     assert isinstance(out, torch.Tensor) and tuple(out.shape) == expected
-    assert getattr(model, "aux_outputs", []) == []  # auxiliary outputs only in training
     assert torch.isfinite(out).all()
 
 
@@ -68,11 +72,14 @@ def test_forward_shape_train_and_eval(name: str, dims: int, k: int) -> None:
 def test_backward_reaches_every_used_parameter(name: str, dims: int, k: int) -> None:
     model = build(name, dims, k).train()
     x = sample(model)
-    out = model(x)
+    train_out = forward_train(model, x)
+    out = train_out.seg
     weights = torch.randn_like(out)
     loss = (out * weights).mean()
-    for aux in getattr(model, "aux_outputs", []):
+    for aux in train_out.aux:
         loss = loss + aux.square().mean()
+    if train_out.extra_loss is not None:
+        loss = loss + train_out.extra_loss
     loss.backward()
     unused = tuple(getattr(model, "unused_in_forward", ()))
     checked = 0

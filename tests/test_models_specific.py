@@ -16,13 +16,15 @@ def _vae(**kw):
 def test_segresnet_vae_loss_depends_on_input_and_trains_the_encoder() -> None:
     model = _vae().train()
     x = torch.randn(1, 2, 32, 24, 16)
-    seg, vae_loss = model.forward_with_vae_loss(x)
+    out = model.forward_train(x)
+    seg, vae_loss = out.seg, out.extra_loss
     assert seg.shape == (1, 3, 32, 24, 16) and vae_loss.ndim == 0 and torch.isfinite(vae_loss)
     vae_loss.backward()
     encoder_grads = [p.grad for n, p in model.named_parameters() if n.startswith(("stem.", "down."))]
     assert encoder_grads and all(g is not None for g in encoder_grads)
     assert sum(float(g.abs().sum()) for g in encoder_grads) > 0
-    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("vae."))
+    vae_grads = [p.grad for n, p in model.named_parameters() if n.startswith("vae.")]
+    assert vae_grads and all(g is not None for g in vae_grads)  # non-empty: a renamed branch must not pass vacuously
     model.eval()  # deterministic latent (the mean) so that only the input differs
     with torch.no_grad():
         a = model.vae_loss(x)
@@ -43,7 +45,7 @@ def test_segresnet_vae_forward_returns_a_tensor(training: bool) -> None:
     model = _vae().train(training)
     with torch.set_grad_enabled(training):
         out = model(torch.randn(1, 2, 16, 24, 32))  # not the vae_input_size: the VAE branch adapts
-        _, loss = model.forward_with_vae_loss(torch.randn(1, 2, 16, 24, 32))
+        loss = model.forward_train(torch.randn(1, 2, 16, 24, 32)).extra_loss
     assert isinstance(out, torch.Tensor) and out.shape == (1, 3, 16, 24, 32) and torch.isfinite(loss)
 
 
@@ -75,7 +77,7 @@ def test_segnet_decoder_places_values_at_the_pooling_indices() -> None:
 
 
 def test_unknown_model_suggests_the_nearest_name() -> None:
-    with pytest.raises(MedsegError, match=r"did you mean 'unetpp'.*valid models: .*segresnet_vae"):
+    with pytest.raises(MedsegError, match=r"model: 'unetp' is not valid \(did you mean 'unetpp'\?\); choose one of .*segresnet_vae"):
         create_model("unetp", 3, 1, 2)
 
 
@@ -100,9 +102,12 @@ def test_deep_supervision_outputs_only_in_training() -> None:
     for name, kw in (("unetpp", {"channels": (4, 8, 8)}), ("dynunet", {"filters": (4, 8, 8, 8), "strides": (1, 2, 2, 2),
                                                                          "deep_supr_num": 2})):
         model = create_model(name, 2, 1, 2, deep_supervision=True, **kw).train()
-        out = model(torch.randn(2, 1, 32, 16))
-        assert isinstance(out, torch.Tensor) and len(model.aux_outputs) == (1 if name == "unetpp" else 2)
-        assert model.aux_outputs and all(a.shape[:2] == out.shape[:2] for a in model.aux_outputs)
+        x = torch.randn(2, 1, 32, 16)
+        train_out = model.forward_train(x)
+        out = train_out.seg
+        assert isinstance(out, torch.Tensor) and len(train_out.aux) == (1 if name == "unetpp" else 2)
+        assert all(a.shape[:2] == out.shape[:2] for a in train_out.aux)
+        torch.testing.assert_close(model(x), out)  # forward gives the main output of forward_train
         model.eval()
-        assert model(torch.randn(1, 1, 32, 16)).shape == (1, 2, 32, 16) and model.aux_outputs == []
+        assert model(torch.randn(1, 1, 32, 16)).shape == (1, 2, 32, 16)
         assert model_config(model)["kwargs"]["deep_supervision"] is True

@@ -1,7 +1,5 @@
-"""Pipeline validation, samplers, losses, schedule and patch dataset: the parts of training below the loop."""
+"""Pipeline validation, samplers, schedule and patch dataset: the parts of training below the loop."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -9,11 +7,11 @@ import torch
 
 from medseg.data.dataset import CaseData, _class_coords
 from medseg.data.labels import get_scheme
-from medseg.data.sampling import augment, choose_centre, crop_patch
+from medseg.data.sampling import choose_centre, crop_patch
 from medseg.errors import MedsegError
-from medseg.losses import DeepSupervisionLoss, SoftDice, create_loss
 from medseg.training.config import load_pipeline, parse_pipeline
-from medseg.training.setup import LRFactor, PatchDataset, check_patch_size, make_target
+from medseg.training.optim import LRFactor
+from medseg.training.setup import PatchDataset, check_patch_size, make_target
 
 BASE = {"data": {"synthetic": {"cases": 4}}, "sampling": {"patch_size": [32, 32, 32]}}
 
@@ -123,43 +121,6 @@ def test_crop_is_centred_and_inside():
     image = np.arange(20 * 20 * 20, dtype=np.float32).reshape(1, 20, 20, 20)
     img, _ = crop_patch(image, None, (10, 0, 19), (4, 4, 4))
     assert img[0, 0, 0, 0] == image[0, 8, 0, 16]
-
-
-def test_augment_flips_image_and_label_together():
-    rng = np.random.default_rng(3)
-    image = np.random.default_rng(0).normal(size=(1, 6, 5, 4)).astype(np.float32)
-    label = (image[0] > 0).astype(np.uint8)
-    for _ in range(10):
-        img, lab = augment(image, label, rng, flip=True, intensity=False)
-        assert np.array_equal(lab, (img[0] > 0).astype(np.uint8))
-
-
-# ----------------------------------------------------------------------------- losses
-def test_soft_dice_golden_values():
-    # sigmoid(0) = 0.5 everywhere, target all ones: Dice = 2*0.5*N / (0.5N + N) = 2/3
-    loss = SoftDice("sigmoid", smooth=0.0)
-    assert float(loss(torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 4, 4))) == pytest.approx(1 / 3, abs=1e-6)
-    # perfect softmax prediction of classes -> loss 0
-    target = torch.tensor([[[[0, 1], [2, 1]]]])
-    logits = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).float() * 50
-    assert float(SoftDice("softmax")(logits, target)) == pytest.approx(0.0, abs=1e-5)
-
-
-def test_region_dice_bce_and_dice_ce_values():
-    logits, target = torch.zeros(1, 3, 4, 4, 4), torch.ones(1, 3, 4, 4, 4)
-    assert float(create_loss("region_dice_bce", "regions")(logits, target)) == pytest.approx(1 / 3 + math.log(2), abs=1e-4)
-    ce = create_loss("dice_ce", "labels")(torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4, dtype=torch.long))
-    assert float(ce) == pytest.approx(math.log(3) + 1 - (0 + 1e-5) / (4 * 4 * 2 / 3 + 1e-5), abs=1e-3)
-    with pytest.raises(MedsegError, match="needs data.target: labels"):
-        create_loss("dice_ce", "regions")
-
-
-def test_deep_supervision_weights_and_resizing():
-    loss = DeepSupervisionLoss(SoftDice("sigmoid", smooth=0.0))
-    target = torch.ones(1, 1, 8, 8, 8)
-    full, half = torch.full((1, 1, 8, 8, 8), 10.0), torch.zeros(1, 1, 4, 4, 4)
-    # levels weighted 2/3 and 1/3: Dice losses ~0 and 1/3
-    assert float(loss([full, half], target)) == pytest.approx((1 / 3) * (1 / 3), abs=1e-3)
 
 
 # ----------------------------------------------------------------------------- schedule and dataset

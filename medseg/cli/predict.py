@@ -5,6 +5,9 @@ import argparse
 import os
 import sys
 
+from medseg.inference.windows import BLENDS, STITCH_MODES  # torch-free, like the whole command-line start-up
+from medseg.runtime import PRECISIONS
+
 EPILOG = """examples:
   medseg predict --model runs/unet3d --input Brats18_X/Brats18_X_{flair,t1,t1ce,t2}.nii.gz --output preds
   medseg predict --model runs/unet3d --input ../shared/data/brats18/Brats18_2013_11_1 --output preds   (case folder)
@@ -30,13 +33,13 @@ def register(sub) -> None:
     g = p.add_argument_group("sliding window (default: the checkpoint's inference settings)")
     g.add_argument("--roi", type=int, nargs="+", default=None, metavar="N", help="window size per axis")
     g.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1)")
-    g.add_argument("--blend", choices=("gaussian", "constant"), default=None)
+    g.add_argument("--blend", choices=BLENDS, default=None)
     g.add_argument("--sw-batch-size", type=int, default=None, metavar="N", help="windows per forward pass")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="mirroring test-time augmentation")
-    g.add_argument("--amp", choices=("auto", "on", "off"), default=None,
-                   help="mixed precision: auto = CUDA, or CPU with AMX/AVX512-BF16 (default auto)")
+    g.add_argument("--amp", choices=PRECISIONS, default=None,
+                   help="mixed precision: auto = bf16/fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16; off = float32 (default auto)")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
-    g.add_argument("--stitch", choices=("auto", "device", "cpu"), default=None, help="where window outputs are accumulated")
+    g.add_argument("--stitch", choices=STITCH_MODES, default=None, help="where window outputs are accumulated")
     g.add_argument("--no-skip-empty", dest="skip_empty", action="store_false", default=None,
                    help="evaluate windows without foreground too (slower; same labels inside the foreground)")
     q = p.add_argument_group("postprocessing (default: the checkpoint's, else off)")

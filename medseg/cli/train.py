@@ -11,7 +11,11 @@ EPILOG = """examples:
   medseg train pipelines/brats_unet3d.yaml --output runs/unet3d --resume --extend-epochs 300
   medseg train pipelines/demo.yaml --set training.epochs=5 --set sampling.batch_size=4
   torchrun --nproc_per_node 2 -m medseg train pipelines/brats_unet3d.yaml     multi-process (DDP)
-The run folder holds pipeline.yaml, checkpoints/{best,last}.pt, metrics.csv and tensorboard/ events."""
+  medseg train pipelines/brats_planned.yaml --folds all --output runs/cv    5-fold cross-validation + CV report
+  medseg train pipelines/brats_planned.yaml --fold 2 --output runs/cv       one fold (runs/cv/fold_2)
+The run folder holds pipeline.yaml, checkpoints/{best,last}.pt, metrics.csv and tensorboard/ events. With --folds
+all, RUN_DIR holds fold_K/ runs, cv/ (out-of-fold predictions and their report) and postprocessing.json (chosen on
+the out-of-fold predictions); 'medseg predict --model RUN_DIR' then averages the folds' models."""
 
 
 def register(sub) -> None:
@@ -24,6 +28,9 @@ def register(sub) -> None:
                    help="with --resume: train a finished (or running) run up to N epochs in total")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pipeline key, e.g. training.epochs=10 (repeatable)")
+    folds = p.add_mutually_exclusive_group()
+    folds.add_argument("--fold", type=int, default=None, metavar="K", help="train fold K of the manifest into RUN_DIR/fold_K")
+    folds.add_argument("--folds", default=None, metavar="all|K,K", help="train these folds (all: every fold, then the CV report)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -39,8 +46,19 @@ def run(args) -> int:
     if args.extend_epochs is not None and not args.resume:
         raise MedsegError("--extend-epochs continues an existing run: add --resume")
     pipeline = load_pipeline(args.pipeline, args.overrides)
-    result = train(pipeline, run_dir=args.output, resume=args.resume, extend_epochs=args.extend_epochs,
-                   progress=not args.no_progress and sys.stderr.isatty())
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.fold is not None or args.folds is not None:
+        from pathlib import Path
+
+        from medseg.training.crossval import train_folds
+
+        if args.extend_epochs is not None:
+            raise MedsegError("--extend-epochs works on one run: give the fold's folder (RUN_DIR/fold_K) without --fold/--folds")
+        run_dir = Path(args.output or pipeline.output_dir or Path("runs") / pipeline.name)
+        cv = train_folds(pipeline, run_dir, str(args.fold) if args.fold is not None else args.folds, args.resume, progress)
+        print(f"{run_dir}: folds {sorted(cv['folds'])} trained" + ("; cross-validation report in cv/report" if cv["summary"] else ""))
+        return 0
+    result = train(pipeline, run_dir=args.output, resume=args.resume, extend_epochs=args.extend_epochs, progress=progress)
     if result["history"] and result["best_metric"] >= 0:
         print(f"{result['run_dir']}: {result['epochs']} epochs; best mean Dice {result['best_metric']:.4f} at epoch {result['best_epoch']}")
     elif result["history"]:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,19 +22,21 @@ from medseg.atomic import atomic_path
 from medseg.data.io import read_volume
 from medseg.data.labels import LabelScheme
 from medseg.data.manifest import Case
-from medseg.data.preprocess import Preprocessing
+from medseg.data.preprocess import Prepared, Preprocessing
 from medseg.errors import MedsegError
 
 
 @dataclass
 class CaseData:
     """One prepared case. ``image``: (C, *spatial) float32; ``label``: (*spatial) label values or None;
-    ``class_coords``: label value -> (N, ndim) int32 voxel coordinates of that value (background excluded)."""
+    ``class_coords``: label value -> (N, ndim) int32 voxel coordinates of that value (background excluded);
+    ``geometry``: the :class:`Prepared` record without its arrays, to invert a prediction onto the scan's grid."""
 
     id: str
     image: np.ndarray
     label: np.ndarray | None
     class_coords: dict[int, np.ndarray]
+    geometry: Prepared | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -76,7 +78,24 @@ def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | No
             scheme.check(label_vol.array, f"case {case.id}: label {case.label}")
     prepared = preprocessing.apply(images, label_vol)
     label = None if prepared.label is None else prepared.label.astype(np.uint8 if prepared.label.max(initial=0) < 256 else np.int32)
-    return CaseData(case.id, prepared.image, label, _class_coords(label))
+    return CaseData(case.id, prepared.image, label, _class_coords(label), replace(prepared, image=None, label=None))
+
+
+_GEOMETRY = ("affine", "original_shape", "original_affine", "ornt", "oriented_shape", "resampled_shape", "bbox")
+
+
+def _geometry_arrays(g: Prepared) -> dict[str, np.ndarray]:
+    return {f"geometry_{k}": np.asarray(getattr(g, k)) for k in _GEOMETRY}
+
+
+def _geometry_from(z) -> Prepared | None:
+    if "geometry_bbox" not in z.files:
+        return None
+    g = {k: z[f"geometry_{k}"] for k in _GEOMETRY}
+    shapes = {k: tuple(int(v) for v in g[k]) for k in ("original_shape", "oriented_shape", "resampled_shape")}
+    bbox = tuple((int(a), int(b)) for a, b in g["bbox"])
+    return Prepared(None, None, g["affine"], shapes["original_shape"], g["original_affine"], g["ornt"],
+                    shapes["oriented_shape"], shapes["resampled_shape"], bbox)
 
 
 class CaseCache:
@@ -96,8 +115,8 @@ class CaseCache:
             self.cases: dict[str, CaseData] = {c.id: c for c in results}
 
     def _key(self, case: Case) -> str:
-        files = [str(p) for p in case.images.values()] + ([str(case.label)] if case.label else [])
-        stamp = [(f, os.path.getmtime(str(f).split("[")[0]), os.path.getsize(str(f).split("[")[0])) for f in files]
+        refs = [*case.images.values(), *([case.label] if case.label else [])]
+        stamp = [(str(r), os.path.getmtime(r.path), os.path.getsize(r.path)) for r in refs]
         blob = json.dumps([stamp, self.preprocessing.to_dict()], sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:16]
 
@@ -107,11 +126,13 @@ class CaseCache:
         path = self.cache_dir / f"{case.id}_{self._key(case)}.npz"
         if path.exists():
             with np.load(path) as z:
-                label = z["label"] if "label" in z.files else None
-                return CaseData(case.id, z["image"], label, _class_coords(label))
+                geometry = _geometry_from(z)
+                if geometry is not None:  # a cache written before geometry was kept is prepared again
+                    label = z["label"] if "label" in z.files else None
+                    return CaseData(case.id, z["image"], label, _class_coords(label), geometry)
         data = load_case(case, self.preprocessing, self.scheme)
         with atomic_path(path, suffix=".npz") as tmp:
-            arrays = {"image": data.image} | ({"label": data.label} if data.label is not None else {})
+            arrays = {"image": data.image} | ({"label": data.label} if data.label is not None else {}) | _geometry_arrays(data.geometry)
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
         return data

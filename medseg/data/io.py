@@ -5,8 +5,9 @@ imported only on those paths (training and inference on NIfTI need no SimpleITK)
 world coordinates; :class:`~medseg.data.volume.Volume` affines are RAS+ (nibabel), and arrays are indexed
 (i, j, k) in both cases, so a file read and written back keeps its exact grid.
 
-A path may end in ``[N]`` to select channel N of a 4D file (the Medical Segmentation Decathlon stores the
-four MRI contrasts of a case in one 4D NIfTI): ``imagesTr/BRATS_001.nii.gz[2]``.
+An :class:`ImageRef` names what to read: a file (or DICOM folder) and optionally one channel of a 4D file (the
+Medical Segmentation Decathlon stores the four MRI contrasts of a case in one 4D NIfTI). Its text form, used in
+manifests and accepted by :func:`read_volume`, is the path with ``[N]`` appended: ``imagesTr/BRATS_001.nii.gz[2]``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import gzip
 import os
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -29,12 +31,43 @@ _CHANNEL = re.compile(r"^(?P<path>.*)\[(?P<index>\d+)\]$")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def split_channel(path: str | Path) -> tuple[Path, int | None]:
-    """Split ``"a.nii.gz[2]"`` into ``(Path("a.nii.gz"), 2)``; a plain path gives ``(path, None)``."""
-    m = _CHANNEL.match(str(path))
-    if m:
-        return Path(m["path"]), int(m["index"])
-    return Path(path), None
+@dataclass(frozen=True)
+class ImageRef:
+    """An image to read: ``path`` (a file or a DICOM series folder) and ``channel``, an index into the last axis
+    of a 4D file, or ``None`` for the whole image. ``str(ref)`` is the text form ``path`` or ``path[N]``.
+
+    Example:
+        >>> ref = ImageRef.parse("imagesTr/BRATS_001.nii.gz[2]", base="/data/Task01")
+        >>> ref.path.as_posix(), ref.channel
+        ('/data/Task01/imagesTr/BRATS_001.nii.gz', 2)
+        >>> str(ImageRef.parse("BRATS_001.nii.gz[2]"))
+        'BRATS_001.nii.gz[2]'
+    """
+
+    path: Path
+    channel: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.channel is not None and (isinstance(self.channel, bool) or not isinstance(self.channel, int) or self.channel < 0):
+            raise MedsegError(f"{self.path}: channel {self.channel!r} must be a non-negative integer, as in 'file.nii.gz[2]'")
+
+    @classmethod
+    def parse(cls, text: "str | Path | ImageRef", base: str | Path | None = None) -> "ImageRef":
+        """``"file.nii.gz[N]"`` (channel N) or a plain path; ``~`` is expanded and a relative path is joined to
+        ``base`` when given (manifests pass their folder). An :class:`ImageRef` is returned as is (joined to ``base``)."""
+        if isinstance(text, ImageRef):
+            path, channel = text.path, text.channel
+        else:
+            m = _CHANNEL.match(str(text).strip())
+            path, channel = (Path(m["path"]), int(m["index"])) if m else (Path(str(text).strip()), None)
+        path = path.expanduser()
+        if base is not None and not path.is_absolute():
+            path = Path(base) / path
+        return cls(path, channel)
+
+    def __str__(self) -> str:
+        return str(self.path) if self.channel is None else f"{self.path}[{self.channel}]"
 
 
 def _suffix(path: Path) -> str:
@@ -42,11 +75,11 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def read_volume(path: str | Path, *, dtype: np.dtype | None = None) -> Volume:
+def read_volume(path: str | Path | ImageRef, *, dtype: np.dtype | None = None) -> Volume:
     """Read a NIfTI, NRRD, MHA or DICOM-series volume with its affine.
 
     Args:
-        path: a file, a DICOM series folder, or ``file[N]`` for channel N of a 4D file.
+        path: a file, a DICOM series folder, or an :class:`ImageRef` (text ``file[N]``) for channel N of a 4D file.
         dtype: cast the array to this type (the on-disk type is kept by default, as ``meta["dtype"]``).
 
     Raises:
@@ -57,7 +90,8 @@ def read_volume(path: str | Path, *, dtype: np.dtype | None = None) -> Volume:
         >>> vol.orientation  # doctest: +SKIP
         ('L', 'P', 'S')
     """
-    path, channel = split_channel(path)
+    ref = ImageRef.parse(path)
+    path = ref.path
     if not path.exists():
         raise MedsegError(f"{path}: file not found; check the path (relative paths in a manifest are relative to the manifest file)")
     if path.is_dir():
@@ -71,18 +105,19 @@ def read_volume(path: str | Path, *, dtype: np.dtype | None = None) -> Volume:
             f"{path}: unknown image format '{_suffix(path) or path.name}'; medseg reads .nii/.nii.gz (NIfTI), "
             f".nrrd, .mha/.mhd and DICOM series folders; convert the file to one of these"
         )
-    if channel is not None:
-        vol = _select_channel(vol, channel, path)
+    if ref.channel is not None:
+        vol = _select_channel(vol, ref)
     if dtype is not None:
         vol = vol.with_array(vol.array.astype(dtype, copy=False))
     return vol
 
 
-def _select_channel(vol: Volume, channel: int, path: Path) -> Volume:
+def _select_channel(vol: Volume, ref: ImageRef) -> Volume:
+    channel = ref.channel
     if vol.array.ndim != 4:
-        raise MedsegError(f"{path}[{channel}]: a channel index was given but the image is {vol.array.ndim}D, not 4D; remove '[{channel}]'")
+        raise MedsegError(f"{ref}: a channel index was given but the image is {vol.array.ndim}D, not 4D; remove '[{channel}]'")
     if channel >= vol.array.shape[3]:
-        raise MedsegError(f"{path}[{channel}]: the 4D image has {vol.array.shape[3]} channels (0..{vol.array.shape[3] - 1}); use a valid index")
+        raise MedsegError(f"{ref}: the 4D image has {vol.array.shape[3]} channels (0..{vol.array.shape[3] - 1}); use a valid index")
     return Volume(np.ascontiguousarray(vol.array[..., channel]), vol.affine, {**vol.meta, "channel": channel})
 
 

@@ -19,13 +19,12 @@ labels     any non-negative integer (generic multi-class) —
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice
 
 
 @dataclass(frozen=True)
@@ -215,8 +214,4 @@ def get_scheme(scheme: str | Mapping | LabelScheme) -> LabelScheme:
         return scheme
     if isinstance(scheme, Mapping):
         return LabelScheme.from_dict(scheme)
-    if scheme in SCHEMES:
-        return SCHEMES[scheme]
-    close = difflib.get_close_matches(str(scheme), SCHEMES, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise MedsegError(f"unknown label scheme '{scheme}'{hint}; valid schemes: {', '.join(SCHEMES)}")
+    return SCHEMES[check_choice(scheme, list_schemes(), "label scheme")]

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from medseg.data.io import ImageRef
 from medseg.data.manifest import Case, Manifest
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice
 
 BRATS_CHANNELS = ("flair", "t1", "t1ce", "t2")
 _BRATS2023_FILES = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}
@@ -104,7 +106,7 @@ def msd(root: Path) -> Manifest:
             continue
         case_id = image.name.split(".nii")[0]
         label = _nii(root / "labelsTr", case_id)
-        cases.append(Case(case_id, {ch: Path(f"{image}[{i}]") for i, ch in enumerate(channels)}, label))
+        cases.append(Case(case_id, {ch: ImageRef(image, i) for i, ch in enumerate(channels)}, label))
     scheme = "msd" if len(channels) == 4 else _scheme_from_labels(meta.get("labels"), root)
     return Manifest(channels, tuple(cases), scheme)
 
@@ -178,20 +180,46 @@ def detect_layout(root: Path) -> str:
     )
 
 
-def build_manifest(layout: str, root: str | Path) -> Manifest:
-    """Build a manifest for the dataset folder ``root`` in ``layout`` (or ``"auto"``)."""
-    root = Path(root)
+def build_manifest(layout: str, root: str | Path, *more_roots: str | Path) -> Manifest:
+    """Build a manifest for the dataset folder ``root`` in ``layout`` (or ``"auto"``).
+
+    ``more_roots`` are further folders of the same dataset in the same layout (a release split over several
+    downloads): their cases are listed after those of ``root``, in folder order. Case ids must be unique across
+    the folders, and the folders must give the same channels and label scheme.
+    """
+    check_choice(layout, ("auto", *LAYOUTS), "layout")
+    parts = [(Path(r), _build_one(layout, Path(r))) for r in (root, *more_roots)]
+    return parts[0][1] if len(parts) == 1 else _merge(parts)
+
+
+def _build_one(layout: str, root: Path) -> Manifest:
     if not root.is_dir():
         raise MedsegError(f"{root}: not a folder; give the dataset's root folder")
     if layout == "auto":
         layout = detect_layout(root)
-    if layout not in LAYOUTS:
-        import difflib
-
-        close = difflib.get_close_matches(layout, LAYOUTS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise MedsegError(f"unknown layout '{layout}'{hint}; valid layouts: auto, {', '.join(LAYOUTS)}")
     manifest = LAYOUTS[layout](root)
     if not manifest.cases:
         raise MedsegError(f"{root}: no {layout} cases found; check the folder or the --layout")
     return manifest
+
+
+def _merge(parts: list[tuple[Path, Manifest]]) -> Manifest:
+    """One manifest from the manifests of several folders of one dataset (cases in folder order)."""
+    first_root, first = parts[0]
+    owner: dict[str, Path] = {}
+    cases = []
+    for root, manifest in parts:
+        if manifest.channels != first.channels:
+            raise MedsegError(f"{root}: channels {list(manifest.channels)} differ from {list(first.channels)} in {first_root}; "
+                              "give folders of one dataset (the same modalities) or build one manifest per folder")
+        if manifest.label_scheme != first.label_scheme:
+            raise MedsegError(f"{root}: label scheme {manifest.label_scheme!r} differs from {first.label_scheme!r} in {first_root}; "
+                              "give folders of one release (one label convention) or build one manifest per folder")
+        for case in manifest.cases:
+            if case.id in owner:
+                where = f"twice in {root}" if owner[case.id] == root else f"in both {owner[case.id]} and {root}"
+                raise MedsegError(f"case id {case.id} is {where}; case ids must be unique across the folders: "
+                                  "remove the duplicate case or give each folder only once")
+            owner[case.id] = root
+            cases.append(case)
+    return replace(first, cases=tuple(cases))

@@ -4,40 +4,51 @@ A manifest lists cases: an id, one image path per channel in a fixed channel ord
 and optional split / fold. It is CSV or JSON; paths may be relative to the manifest file. The format is
 documented in ``data_manifests/README.md``.
 
-CSV::
+CSV (a plain table: ``pandas.read_csv`` and spreadsheets read it as is)::
 
-    # label_scheme: brats
-    id,flair,t1,t1ce,t2,label,split,fold
-    Brats18_2013_11_1,Brats18_2013_11_1/Brats18_2013_11_1_flair.nii.gz,...,train,0
+    id,flair,t1,t1ce,t2,label,split,fold,label_scheme
+    Brats18_2013_11_1,Brats18_2013_11_1/Brats18_2013_11_1_flair.nii.gz,...,train,0,brats
 
-Reserved columns are ``id``, ``label``, ``split`` and ``fold``; every other column is a channel, in column
-order. Lines starting with ``#`` before the header carry ``key: value`` metadata (``label_scheme``).
+Reserved columns are ``id``, ``label``, ``split``, ``fold`` and ``label_scheme`` (the same scheme name, or compact
+JSON of a custom scheme, on every row); every other column is a channel, in column order. An image cell is the
+text of an :class:`~medseg.data.io.ImageRef`: a path, with ``[N]`` for channel N of a 4D file. Manifests written
+before the ``label_scheme`` column existed carry the scheme in a ``# label_scheme: brats`` line above the header;
+they are still read.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from medseg.atomic import write_text_atomic
-from medseg.data.io import split_channel
+from medseg.data.io import ImageRef
 from medseg.errors import MedsegError
 
-RESERVED = ("id", "label", "split", "fold")
+RESERVED = ("id", "label", "split", "fold", "label_scheme")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One case: ``images`` maps channel name -> path (in channel order); ``label`` may be ``None``."""
+    """One case: ``images`` maps channel name -> :class:`ImageRef` (in channel order); ``label`` may be ``None``.
+
+    Paths (or ``file[N]`` text) given for the images or the label are taken as :class:`ImageRef`.
+    """
 
     id: str
-    images: Mapping[str, Path]
-    label: Path | None = None
+    images: Mapping[str, ImageRef]
+    label: ImageRef | None = None
     split: str | None = None
     fold: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images", {ch: ImageRef.parse(ref) for ch, ref in self.images.items()})
+        if self.label is not None:
+            object.__setattr__(self, "label", ImageRef.parse(self.label))
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -83,22 +94,13 @@ class Manifest:
         return replace(self, cases=tuple(keep))
 
 
-def _resolve(base: Path, text: str) -> Path:
-    p, channel = split_channel(text.strip())
-    p = p.expanduser()
-    full = p if p.is_absolute() else base / p
-    return Path(f"{full}[{channel}]") if channel is not None else full
-
-
-def _relative(base: Path, path: Path) -> str:
-    import os
-
-    p, channel = split_channel(path)
+def _relative(base: Path, ref: ImageRef) -> str:
+    """The manifest text of ``ref``: its path relative to ``base`` (absolute on another drive), ``[N]`` kept."""
     try:
-        text = os.path.relpath(Path(p).resolve(), base.resolve())
+        text = os.path.relpath(ref.path.resolve(), base.resolve())
     except ValueError:  # another drive on Windows
-        text = str(Path(p).resolve())
-    return f"{text}[{channel}]" if channel is not None else text
+        text = str(ref.path.resolve())
+    return str(ImageRef(Path(text), ref.channel))
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -143,13 +145,42 @@ def _parse_csv(text: str, path: Path) -> Manifest:
         raise MedsegError(f"{path}: no image columns; add one column per channel (e.g. flair,t1,t1ce,t2)")
     base = path.parent
     cases = []
+    schemes: dict[str, int] = {}  # label_scheme cell -> first row giving it
     for row_no, row in enumerate(reader, start=2 + skipped):
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
         cases.append(_case_from_row(row, channels, base, path, row_no))
-    scheme = meta.get("label_scheme") or None
-    if scheme and scheme.startswith("{"):
-        scheme = json.loads(scheme)
-    return Manifest(channels, tuple(cases), scheme, path)
+        if "label_scheme" in header:
+            schemes.setdefault(row.get("label_scheme", ""), row_no)
+    return Manifest(channels, tuple(cases), _csv_scheme(schemes, meta.get("label_scheme"), path), path)
+
+
+def _csv_scheme(cells: Mapping[str, int], comment: str | None, path: Path) -> str | dict | None:
+    """The one label scheme of a CSV manifest: its ``label_scheme`` column, the same on every row, or the
+    ``# label_scheme:`` line above the header of manifests written before the column existed."""
+    sources = {f"row {row}": text for text, row in cells.items()}
+    if comment:
+        sources["the '# label_scheme:' line"] = comment
+    parsed = {where: _parse_scheme(text, where, path) for where, text in sources.items()}
+    distinct: dict[str, str] = {}  # scheme -> where it first appears
+    for where, value in parsed.items():
+        distinct.setdefault(json.dumps(value, sort_keys=True), where)
+    if len(distinct) > 1:
+        shown = ", ".join(f"{repr(sources[w]) if sources[w] else 'an empty cell'} in {w}" for w in list(distinct.values())[:3])
+        raise MedsegError(f"{path}: label_scheme is not the same on every row ({shown}); a manifest has one label scheme: "
+                          "write the same value (e.g. brats) in the label_scheme column of every row")
+    return next(iter(parsed.values()), None)
+
+
+def _parse_scheme(text: str, where: str, path: Path) -> str | dict | None:
+    """A scheme cell: empty (``None``), a scheme name, or a custom scheme as JSON."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return text or None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MedsegError(f"{path}: the label_scheme of {where} is not valid JSON ({err}); give a scheme name "
+                          "such as brats or a JSON object {\"name\": ..., \"labels\": {...}}") from None
 
 
 def _case_from_row(row: Mapping[str, str], channels: tuple[str, ...], base: Path, path: Path, where) -> Case:
@@ -167,8 +198,8 @@ def _case_from_row(row: Mapping[str, str], channels: tuple[str, ...], base: Path
             raise MedsegError(f"{path}: case {case_id} has fold {fold!r}; folds are integers") from None
     return Case(
         id=case_id,
-        images={ch: _resolve(base, row[ch]) for ch in channels},
-        label=_resolve(base, row["label"]) if row.get("label") else None,
+        images={ch: ImageRef.parse(row[ch], base) for ch in channels},
+        label=ImageRef.parse(row["label"], base) if row.get("label") else None,
         split=row.get("split") or None,
         fold=fold,
     )
@@ -233,10 +264,11 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
         text = json.dumps(data, indent=2) + "\n"
     else:
         out = io.StringIO()
-        if manifest.label_scheme:
-            scheme = manifest.label_scheme if isinstance(manifest.label_scheme, str) else json.dumps(manifest.label_scheme)
-            out.write(f"# label_scheme: {scheme}\n")
-        header = ["id", *manifest.channels] + (["label"] if has_label else []) + (["split"] if has_split else []) + (["fold"] if has_fold else [])
+        scheme = manifest.label_scheme
+        if scheme is not None and not isinstance(scheme, str):
+            scheme = json.dumps(scheme, separators=(",", ":"))
+        optional = {"label": has_label, "split": has_split, "fold": has_fold, "label_scheme": bool(scheme)}
+        header = ["id", *manifest.channels, *(name for name, present in optional.items() if present)]
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(header)
         for c in manifest.cases:
@@ -244,6 +276,7 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
             row += [_relative(base, c.label) if c.label else ""] if has_label else []
             row += [c.split or ""] if has_split else []
             row += ["" if c.fold is None else c.fold] if has_fold else []
+            row += [scheme] if scheme else []
             writer.writerow(row)
         text = out.getvalue()
     write_text_atomic(path, text)

@@ -6,7 +6,10 @@ Steps, each optional and described by :class:`Preprocessing` (stored as a dict i
 1. reorient to canonical axis codes (default ``RAS``): an exact permutation/flip of axes, no interpolation;
 2. resample to a target spacing in mm (trilinear for images, nearest for labels) — only when asked;
 3. crop to the bounding box of non-zero voxels in any channel (the head), plus a margin;
-4. z-score each channel over its non-zero voxels (background stays 0), via MONAI's ``NormalizeIntensity``.
+4. z-score each channel over its non-zero voxels (background stays 0), via MONAI's ``NormalizeIntensity``;
+   or, for CT (``normalize: ct``), clip each channel to fixed Hounsfield bounds and z-score it with a fixed mean
+   and standard deviation (``ct_clip``, ``ct_mean``, ``ct_std``: the foreground 0.5/99.5 percentiles, mean and
+   std of the training set, nnU-Net's CT scheme; ``medseg plan`` computes them).
 
 :meth:`Preprocessing.invert` maps an array on the prepared grid (class scores or labels) back to the exact
 grid of the first input channel: un-crop (background outside), resample back, reorient back.
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.data.volume import Volume
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,15 @@ class Preprocessing:
     crop_foreground: bool = True
     margin: int = 2
     normalize: str = "zscore_nonzero"
+    ct_clip: tuple[tuple[float, float], ...] | None = None  # normalize: ct; per channel [low, high]
+    ct_mean: tuple[float, ...] | None = None  # normalize: ct; per channel
+    ct_std: tuple[float, ...] | None = None  # normalize: ct; per channel
 
-    NORMALIZERS = ("zscore_nonzero", "zscore", "none")
+    NORMALIZERS = ("zscore_nonzero", "zscore", "ct", "none")
 
     def __post_init__(self) -> None:
-        if self.normalize not in self.NORMALIZERS:
-            raise MedsegError(f"preprocessing.normalize: '{self.normalize}' is not one of {self.NORMALIZERS}")
+        check_choice(self.normalize, self.NORMALIZERS, "preprocessing.normalize")
+        self._check_ct()
         if self.orientation is not None and (len(self.orientation) != 3 or set(self.orientation.upper()) - set("RASLPI")):
             raise MedsegError(f"preprocessing.orientation: '{self.orientation}' is not a 3-letter code such as RAS or LPS")
         if self.spacing is not None:
@@ -84,6 +90,30 @@ class Preprocessing:
                 raise MedsegError(f"preprocessing.spacing: {self.spacing} must be positive millimetres")
         if self.margin < 0:
             raise MedsegError("preprocessing.margin must be >= 0")
+
+    def _check_ct(self) -> None:
+        given = [k for k in ("ct_clip", "ct_mean", "ct_std") if getattr(self, k) is not None]
+        if self.normalize != "ct":
+            if given:
+                raise MedsegError(f"preprocessing.{given[0]} is only used with normalize: ct; remove it or set normalize: ct")
+            return
+        if len(given) != 3:
+            raise MedsegError("preprocessing.normalize: ct needs ct_clip, ct_mean and ct_std (one entry per channel); "
+                              "'medseg plan' computes them from the training set")
+        try:
+            clip = tuple((float(lo), float(hi)) for lo, hi in self.ct_clip)
+            mean, std = tuple(float(m) for m in self.ct_mean), tuple(float(s) for s in self.ct_std)
+        except (TypeError, ValueError):
+            raise MedsegError(f"preprocessing: ct_clip {self.ct_clip!r} must list one [low, high] pair per channel, "
+                              f"ct_mean {self.ct_mean!r} and ct_std {self.ct_std!r} one number per channel") from None
+        if not len(clip) == len(mean) == len(std):
+            raise MedsegError(f"preprocessing: ct_clip ({len(clip)}), ct_mean ({len(mean)}) and ct_std ({len(std)}) "
+                              "need one entry per channel each")
+        if any(lo >= hi for lo, hi in clip) or any(s <= 0 for s in std):
+            raise MedsegError(f"preprocessing: ct_clip {[list(c) for c in clip]} needs low < high, ct_std {list(std)} positive values")
+        object.__setattr__(self, "ct_clip", clip)
+        object.__setattr__(self, "ct_mean", mean)
+        object.__setattr__(self, "ct_std", std)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Preprocessing":
@@ -97,6 +127,9 @@ class Preprocessing:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["spacing"] = list(self.spacing) if self.spacing else None
+        for key in ("ct_clip", "ct_mean", "ct_std"):
+            if d[key] is not None:
+                d[key] = [list(v) if isinstance(v, tuple) else v for v in d[key]]
         return d
 
     # ------------------------------------------------------------------ forward
@@ -149,11 +182,23 @@ class Preprocessing:
     def _normalize(self, stack: np.ndarray) -> np.ndarray:
         if self.normalize == "none":
             return stack
+        if self.normalize == "ct":
+            return self._normalize_ct(stack)
         from monai.transforms import NormalizeIntensity
 
         norm = NormalizeIntensity(nonzero=self.normalize == "zscore_nonzero", channel_wise=True, dtype=np.float32)
         out = norm(stack)
         return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
+
+    def _normalize_ct(self, stack: np.ndarray) -> np.ndarray:
+        """Clip each channel to ``ct_clip``, then z-score it with ``ct_mean`` / ``ct_std`` (every voxel, no mask)."""
+        if len(self.ct_mean) != stack.shape[0]:
+            raise MedsegError(f"preprocessing.ct_mean: CT statistics for {len(self.ct_mean)} channel(s) but the image has "
+                              f"{stack.shape[0]}; give one ct_clip/ct_mean/ct_std entry per channel")
+        out = np.empty(stack.shape, np.float32)
+        for c, ((lo, hi), mean, std) in enumerate(zip(self.ct_clip, self.ct_mean, self.ct_std)):
+            out[c] = (np.clip(stack[c], lo, hi) - mean) / std
+        return out
 
     # ------------------------------------------------------------------ inverse
     def invert(self, array: np.ndarray, prepared: Prepared, *, order: str = "linear", fill: float = 0.0) -> np.ndarray:

@@ -43,45 +43,30 @@ def choose_centre(sampler: str, shape: Sequence[int], class_coords: Mapping[int,
     return tuple(int(rng.integers(s)) for s in shape)
 
 
+def patch_start(centre: Sequence[int], shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, ...]:
+    """First voxel of the patch around ``centre``: kept inside the volume; on an axis shorter than the patch,
+    negative so that the volume sits in the middle of the patch."""
+    return tuple(int(min(max(c - p // 2, 0), s - p)) if s >= p else -((p - s) // 2)
+                 for c, s, p in zip(centre, shape, patch_size))
+
+
+def crop_at(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """A copy of ``array[..., start:start + size]`` over its last ``len(size)`` axes; voxels outside are 0."""
+    lead = array.ndim - len(size)
+    shape = array.shape[lead:]
+    out = np.zeros((*array.shape[:lead], *size), array.dtype)
+    src = tuple(slice(max(a, 0), min(a + n, s)) for a, n, s in zip(start, size, shape))
+    dst = tuple(slice(b.start - a, b.stop - a) for a, b in zip(start, src))
+    if all(b.stop > b.start for b in src):
+        out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
+    return out
+
+
 def crop_patch(image: np.ndarray, label: np.ndarray | None, centre: Sequence[int], patch_size: Sequence[int]
                ) -> tuple[np.ndarray, np.ndarray | None]:
     """Crop ``patch_size`` around ``centre`` (kept inside the volume), zero-padding axes smaller than the patch.
 
     ``image``: (C, *spatial); ``label``: (*spatial) or None. Returns copies.
     """
-    shape = image.shape[1:]
-    starts, pads = [], []
-    for c, s, p in zip(centre, shape, patch_size):
-        if s >= p:
-            starts.append(int(min(max(c - p // 2, 0), s - p)))
-            pads.append((0, 0))
-        else:
-            starts.append(0)
-            before = (p - s) // 2
-            pads.append((before, p - s - before))
-    sl = tuple(slice(a, a + min(p, s)) for a, p, s in zip(starts, patch_size, shape))
-    img = image[(slice(None), *sl)]
-    lab = None if label is None else label[sl]
-    if any(p != (0, 0) for p in pads):
-        img = np.pad(img, [(0, 0), *pads])
-        lab = None if lab is None else np.pad(lab, pads)
-    else:
-        img = img.copy()
-        lab = None if lab is None else lab.copy()
-    return img, lab
-
-
-def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, flip: bool = True,
-            intensity: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """Random flips along each spatial axis and per-channel intensity scale/shift (on z-scored data)."""
-    if flip:
-        for axis in range(1, image.ndim):
-            if rng.random() < 0.5:
-                image = np.flip(image, axis)
-                label = None if label is None else np.flip(label, axis - 1)
-    if intensity:
-        c = image.shape[0]
-        scale = rng.uniform(0.9, 1.1, c).astype(np.float32).reshape((c,) + (1,) * (image.ndim - 1))
-        shift = rng.uniform(-0.1, 0.1, c).astype(np.float32).reshape((c,) + (1,) * (image.ndim - 1))
-        image = image * scale + shift
-    return np.ascontiguousarray(image), None if label is None else np.ascontiguousarray(label)
+    start = patch_start(centre, image.shape[1:], patch_size)
+    return crop_at(image, start, patch_size), None if label is None else crop_at(label, start, patch_size)

@@ -89,7 +89,8 @@ def validate_manifest(manifest: Manifest | str | Path, scheme: str | dict | Labe
             results = tqdm(results, total=len(manifest.cases), desc="validate", unit="case")
         problems = [p for case_problems in results for p in case_problems]
     if any(c.label for c in manifest.cases) and scheme_obj is None:
-        problems.append(f"{manifest.path}: the manifest has labels but no label scheme; add '# label_scheme: brats' (or brats2023, msd, labels) to it or pass --scheme")
+        problems.append(f"{manifest.path}: the manifest has labels but no label scheme; add a label_scheme column "
+                        "with brats (or brats2023, msd, labels) on every row, or pass --scheme")
     return problems
 
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from medseg.data.io import read_volume
+from medseg.data.io import ImageRef, read_volume
 from medseg.data.labels import LabelScheme, get_scheme, list_schemes
 from medseg.data.manifest import Manifest, read_manifest
 from medseg.data.volume import Volume
@@ -39,9 +39,9 @@ class CaseInput:
     """One case to evaluate: ground truth, prediction (``None`` when missing) and the scan shown in reports."""
 
     id: str
-    reference: Path
-    prediction: Path | None
-    scan: Path | None = None
+    reference: ImageRef
+    prediction: ImageRef | None
+    scan: ImageRef | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class EvaluationResult:
 
 
 # ----------------------------------------------------------------------------- matching
-def match_predictions(predictions: str | Path, ids: Sequence[str]) -> tuple[dict[str, Path | None], list[str]]:
+def match_predictions(predictions: str | Path, ids: Sequence[str]) -> tuple[dict[str, ImageRef | None], list[str]]:
     """Map each ground-truth id to its prediction file (``None`` when absent); also return unmatched names."""
     path = Path(predictions)
     if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
@@ -93,12 +93,13 @@ def match_predictions(predictions: str | Path, ids: Sequence[str]) -> tuple[dict
             folders[entry.name] = entry
         elif (suffix := _image_suffix(entry)) is not None:
             files.setdefault(entry.name[: -len(suffix)], []).append(entry)
-    out: dict[str, Path | None] = {}
+    out: dict[str, ImageRef | None] = {}
     for case_id in ids:
         candidates = files.get(case_id, [])
         if len(candidates) > 1:
             raise MedsegError(f"{path}: case {case_id} has several predictions ({', '.join(p.name for p in candidates)}); keep one")
-        out[case_id] = candidates[0] if candidates else (_from_folder(folders[case_id], case_id) if case_id in folders else None)
+        found = candidates[0] if candidates else (_from_folder(folders[case_id], case_id) if case_id in folders else None)
+        out[case_id] = None if found is None else ImageRef(found)
     return out, sorted((set(files) | set(folders)) - set(ids))
 
 
@@ -157,7 +158,7 @@ def load_case(case: CaseInput, options: EvaluationOptions) -> tuple[Volume, np.n
 def evaluate_case(case: CaseInput, options: EvaluationOptions) -> list[dict]:
     """Rows of one case (see :attr:`EvaluationResult.cases`); a missing prediction gives ``status="missing"`` rows."""
     base = {"id": case.id, "prediction": str(case.prediction or ""), "reference": str(case.reference)}
-    if case.prediction is None or not Path(case.prediction).exists():
+    if case.prediction is None or not case.prediction.path.exists():
         names = [(k, n) for k, n, _ in targets(options.scheme, [], options.metrics.targets)] + [("case", "all")]
         return [{**base, "status": "missing", "kind": k, "target": n} for k, n in names]
     ref, pred = load_case(case, options)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from medseg.data.labels import LabelScheme, get_scheme
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice
 from medseg.evaluation import surface as surf
 
 EMPTY_RULES = ("brats", "nan")
@@ -42,8 +42,7 @@ class MetricSettings:
     targets: tuple[str, ...] = ("classes", "regions")
 
     def __post_init__(self) -> None:
-        if self.empty not in EMPTY_RULES:
-            raise MedsegError(f"empty={self.empty!r} is not a rule; choose one of {', '.join(EMPTY_RULES)}")
+        check_choice(self.empty, EMPTY_RULES, "empty")
         if not self.tolerance_mm >= 0:
             raise MedsegError(f"tolerance_mm={self.tolerance_mm} must be a non-negative distance in mm")
         if not self.targets or set(self.targets) - {"classes", "regions"}:

@@ -141,7 +141,7 @@ def plot_overlay(result: EvaluationResult, case_id: str, label: str) -> str | No
 
     case = next(c for c in result.inputs if c.id == case_id)
     ref, pred = load_case(case, result.options)
-    scan = read_volume(case.scan).array if case.scan is not None and Path(str(case.scan).split("[")[0]).exists() else None
+    scan = read_volume(case.scan).array if case.scan is not None and case.scan.path.exists() else None
     if scan is not None and tuple(scan.shape[: ref.array.ndim]) != ref.shape:
         scan = None
     fg_ref, fg_pred = ref.array != 0, pred != 0

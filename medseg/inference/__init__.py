@@ -6,8 +6,9 @@
 """
 from __future__ import annotations
 
-from medseg.inference.engine import InferenceSettings, autocast_dtype, cpu_has_bf16, plan_layout, sliding_window
 from medseg.inference.windows import axis_starts, foreground_box, gaussian_weights, plan_windows
+
+_ENGINE = ("InferenceSettings", "sliding_window", "plan_layout", "autocast_dtype", "cpu_has_bf16")  # import torch: on use
 
 __all__ = [
     "InferenceSettings", "sliding_window", "plan_layout", "autocast_dtype", "cpu_has_bf16",
@@ -17,6 +18,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name in _ENGINE:
+        from medseg.inference import engine
+
+        return getattr(engine, name)
     if name in ("Predictor", "Prediction", "load_model", "predict"):
         from medseg.inference import predictor
 

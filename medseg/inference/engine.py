@@ -28,37 +28,34 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice
+from medseg.runtime import PRECISIONS, cpu_has_bf16, resolve_device, resolve_precision  # noqa: F401  (re-exported)
 from medseg.inference import windows as W
 
 log = logging.getLogger(__name__)
-
-BLENDS = ("gaussian", "constant")
-AMP_MODES = ("auto", "on", "off")
-STITCH_MODES = ("auto", "device", "cpu")
-
 
 @dataclass(frozen=True)
 class InferenceSettings:
     """How to run sliding-window inference.
 
     Attributes:
-        roi_size: window size per spatial axis of the model (2 values for a 2D model, 3 for a 3D model).
+        roi_size: window size per spatial axis of the model (2 values for a 2D model, 3 for a 3D model); ``None``
+            only in a pipeline file, where it means the training patch size.
         overlap: fraction of a window shared with its neighbour, in [0, 1).
         blend: ``"gaussian"`` (centre-weighted) or ``"constant"`` (plain mean).
         sigma_scale: Gaussian sigma as a fraction of the window size.
         sw_batch_size: windows per forward pass.
         tta: average over all mirrorings of the spatial axes (``2**spatial_dims`` passes).
-        amp: ``"auto"`` (CUDA; CPU only with bf16 hardware), ``"on"`` or ``"off"``.
+        amp: mixed precision, one of :data:`medseg.runtime.PRECISIONS`: ``"auto"`` (bf16 on CUDA and on CPUs with
+            AMX/AVX512-BF16, fp16 on GPUs without bf16, else float32), ``"bf16"``, ``"fp16"`` (CUDA) or ``"off"``.
         device: where windows run: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         stitch: where outputs are accumulated: ``"auto"`` (on the device unless the volume is large), ``"device"`` or ``"cpu"``.
         crop_foreground: window only the bounding box of the foreground.
@@ -69,7 +66,7 @@ class InferenceSettings:
         slice_axis: the axis a 2D model slices a volume along.
     """
 
-    roi_size: tuple[int, ...]
+    roi_size: Optional[tuple[int, ...]] = None
     overlap: float = 0.5
     blend: str = "gaussian"
     sigma_scale: float = 0.125
@@ -84,57 +81,21 @@ class InferenceSettings:
     slice_axis: int = -1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roi_size", tuple(int(r) for r in self.roi_size))
-        if len(self.roi_size) not in (2, 3) or min(self.roi_size) < 1:
+        if self.roi_size is not None:
+            object.__setattr__(self, "roi_size", tuple(int(r) for r in self.roi_size))
+        if self.roi_size is not None and (len(self.roi_size) not in (2, 3) or min(self.roi_size) < 1):
             raise MedsegError(f"roi_size {self.roi_size}: give 2 (2D model) or 3 (3D model) positive sizes")
         if not 0.0 <= float(self.overlap) < 1.0:
             raise MedsegError(f"overlap {self.overlap} must be within [0, 1), e.g. 0.5")
-        for name, value, allowed in (("blend", self.blend, BLENDS), ("amp", self.amp, AMP_MODES), ("stitch", self.stitch, STITCH_MODES)):
-            if value not in allowed:
-                import difflib
-
-                close = difflib.get_close_matches(str(value), allowed, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise MedsegError(f"{name} '{value}' is not one of {', '.join(allowed)}{hint}")
+        for name, value, allowed in (("blend", self.blend, W.BLENDS), ("amp", self.amp, PRECISIONS), ("stitch", self.stitch, W.STITCH_MODES)):
+            check_choice(value, allowed, name)
         if int(self.sw_batch_size) < 1:
             raise MedsegError(f"sw_batch_size {self.sw_batch_size} must be >= 1")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix units (AMX-BF16 or AVX512-BF16); read from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MedsegError(f"device '{name}' is not valid; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MedsegError(f"device '{name}': CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device``, or ``None`` for full precision."""
-    if amp == "off":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (amp == "on" or cpu_has_bf16()):
-        return torch.bfloat16
-    return None
+    """The autocast dtype for ``amp`` on ``device`` (``None``: float32), by :func:`medseg.runtime.resolve_precision`."""
+    return resolve_precision(amp, device).dtype
 
 
 def sliding_window(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor | np.ndarray,
@@ -155,6 +116,8 @@ def sliding_window(model: Callable[[torch.Tensor], torch.Tensor], image: torch.T
         A tensor on the stitching device (the CPU unless stitching on a GPU).
     """
     image = torch.as_tensor(image)
+    if settings.roi_size is None:
+        raise MedsegError("roi_size is not set: give the window size (--roi, or inference.roi_size in the pipeline)")
     if image.ndim not in (3, 4):
         raise MedsegError(f"image of shape {tuple(image.shape)}: expected (C, *spatial) with 2 or 3 spatial axes")
     device = resolve_device(settings.device)

@@ -8,7 +8,7 @@
 
 Example:
     >>> resolve_inputs(["scan.nii.gz"], ["t2"])  # doctest: +SKIP
-    [CaseInput(id='scan', images=(PosixPath('scan.nii.gz'),))]
+    [CaseInput(id='scan', images=(ImageRef(path=PosixPath('scan.nii.gz'), channel=None),))]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from medseg.data.io import split_channel
+from medseg.data.io import ImageRef
 from medseg.data.manifest import Manifest, read_manifest
 from medseg.errors import MedsegError
 
@@ -27,19 +27,19 @@ _IMAGE_SUFFIX = re.compile(r"\.(nii\.gz|nii|nrrd|nhdr|mha|mhd|dcm|png|tiff?)$", 
 
 @dataclass(frozen=True)
 class CaseInput:
-    """One scan to predict: its id (the output file name) and one image path per model channel, in order."""
+    """One scan to predict: its id (the output file name) and one image per model channel, in order."""
 
     id: str
-    images: tuple[Path, ...]
+    images: tuple[ImageRef, ...]
 
 
 def _channel_list(channels: Sequence[str]) -> str:
     return f"{len(channels)} channel{'s' if len(channels) != 1 else ''} ({', '.join(channels)})"
 
 
-def case_id_from_file(path: Path, channels: Sequence[str]) -> str:
+def case_id_from_file(path: str | Path | ImageRef, channels: Sequence[str]) -> str:
     """``Brats18_X_flair.nii.gz`` -> ``Brats18_X``; ``case_0000.nii.gz`` -> ``case``; ``t2.nii.gz`` -> ``t2``."""
-    file, _ = split_channel(path)
+    file = ImageRef.parse(path).path
     stem = _IMAGE_SUFFIX.sub("", file.name) or file.name
     names = "|".join(re.escape(c) for c in sorted(channels, key=len, reverse=True))
     short = re.sub(rf"[_-](?:{names}|\d{{4}})$", "", stem, flags=re.IGNORECASE) if names else stem
@@ -48,37 +48,36 @@ def case_id_from_file(path: Path, channels: Sequence[str]) -> str:
 
 def resolve_inputs(paths: Sequence[str | Path], channels: Sequence[str], case_id: str | None = None) -> list[CaseInput]:
     """The cases named by ``paths`` for a model with ``channels``; a :class:`MedsegError` with the fix otherwise."""
-    paths = [Path(p) for p in paths]
+    refs = [ImageRef.parse(p) for p in paths]
     channels = list(channels)
-    if not paths:
+    if not refs:
         raise MedsegError(f"no --input given; give the scan's {_channel_list(channels)}, a case folder or a manifest")
-    if len(paths) > 1:
-        if len(paths) != len(channels):
-            raise MedsegError(f"{len(paths)} input files given but the model needs {_channel_list(channels)}, in this order; "
+    if len(refs) > 1:
+        if len(refs) != len(channels):
+            raise MedsegError(f"{len(refs)} input files given but the model needs {_channel_list(channels)}, in this order; "
                               "give one file per channel")
-        for p in paths:
-            _require(p)
-        return [CaseInput(case_id or case_id_from_file(paths[0], channels), tuple(paths))]
-    path = paths[0]
-    file, _ = split_channel(path)
-    _require(path)
+        for ref in refs:
+            _require(ref)
+        return [CaseInput(case_id or case_id_from_file(refs[0], channels), tuple(refs))]
+    ref = refs[0]
+    file = ref.path
+    _require(ref)
     if file.is_file() and file.suffix.lower() in MANIFEST_SUFFIXES:
         cases = from_manifest(read_manifest(file), channels)
     elif file.is_dir():
         cases = _from_folder(file, channels)
     else:
-        cases = [CaseInput(case_id_from_file(path, channels), _single_file_channels(path, channels))]
+        cases = [CaseInput(case_id_from_file(ref, channels), _single_file_channels(ref, channels))]
     if case_id is not None:
         if len(cases) != 1:
-            raise MedsegError(f"--id names one case but {path} holds {len(cases)} cases; drop --id")
+            raise MedsegError(f"--id names one case but {ref} holds {len(cases)} cases; drop --id")
         cases = [CaseInput(case_id, cases[0].images)]
     return cases
 
 
-def _require(path: Path) -> None:
-    file, _ = split_channel(path)
-    if not file.exists():
-        raise MedsegError(f"{file}: file not found; check the --input path")
+def _require(ref: ImageRef) -> None:
+    if not ref.path.exists():
+        raise MedsegError(f"{ref.path}: file not found; check the --input path")
 
 
 def from_manifest(manifest: Manifest, channels: Sequence[str]) -> list[CaseInput]:
@@ -92,9 +91,9 @@ def from_manifest(manifest: Manifest, channels: Sequence[str]) -> list[CaseInput
     index = {c.lower(): c for c in manifest.channels}
     cases = []
     for case in manifest.cases:
-        images = tuple(Path(case.images[index[c.lower()]]) for c in channels)
-        for p in images:
-            _require(p)
+        images = tuple(case.images[index[c.lower()]] for c in channels)
+        for ref in images:
+            _require(ref)
         cases.append(CaseInput(case.id, images))
     return cases
 
@@ -118,7 +117,7 @@ def _from_folder(folder: Path, channels: Sequence[str]) -> list[CaseInput]:
         if len(channels) != 1:
             raise MedsegError(f"{folder}: a DICOM series is one channel but the model needs {_channel_list(channels)}; "
                               "give one file or series per channel with --input")
-        return [CaseInput(folder.name, (folder,))]
+        return [CaseInput(folder.name, (ImageRef(folder),))]
     raise MedsegError(f"{folder}: not a case folder of a known layout nor a DICOM series ({first_error}); "
                       "give the scan's files, a manifest, or a dataset folder")
 
@@ -136,14 +135,13 @@ def _looks_like_dicom(folder: Path) -> bool:
     return False
 
 
-def _single_file_channels(path: Path, channels: Sequence[str]) -> tuple[Path, ...]:
+def _single_file_channels(ref: ImageRef, channels: Sequence[str]) -> tuple[ImageRef, ...]:
     if len(channels) == 1:
-        return (path,)
-    file, index = split_channel(path)
-    n = _nifti_channels(file) if index is None else 1
+        return (ref,)
+    n = _nifti_channels(ref.path) if ref.channel is None else 1
     if n == len(channels):
-        return tuple(Path(f"{file}[{i}]") for i in range(n))
-    raise MedsegError(f"{path}: one image with {n} channel{'s' if n != 1 else ''} but the model needs {_channel_list(channels)}; "
+        return tuple(ImageRef(ref.path, i) for i in range(n))
+    raise MedsegError(f"{ref}: one image with {n} channel{'s' if n != 1 else ''} but the model needs {_channel_list(channels)}; "
                       "give one file per channel, in this order")
 
 

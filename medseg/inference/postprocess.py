@@ -3,6 +3,8 @@
 * :func:`to_labels` — regions (sigmoid per region) are thresholded and painted innermost-last with
   ``scheme.from_regions``; labels (softmax over classes 0..K) take the argmax, mapped with ``scheme.from_indices``;
 * :func:`remove_small_components` — connected components of the foreground smaller than a size become background;
+* :func:`keep_largest_component` — a region (or class) reduced to its largest connected component (nnU-Net's
+  postprocessing, applied only where cross-validation shows it helps: ``medseg train --folds all`` chooses it);
 * :func:`relabel_small_enhancing` — the BraTS rule: when fewer than N voxels are enhancing tumour (ET), they are
   relabelled as necrotic core (NCR), since a handful of ET voxels is more often a false positive than a lesion.
 
@@ -34,13 +36,17 @@ class PostprocessSettings:
         threshold: probability above which a region is present (``target="regions"``).
         min_component_size: remove foreground components with fewer voxels (0: keep all).
         et_min_voxels: relabel ET as NCR when the map has fewer ET voxels than this (0: never).
+        largest_component: names of regions (schemes with regions) or classes kept as their largest connected
+            component only.
     """
 
     threshold: float = 0.5
     min_component_size: int = 0
     et_min_voxels: int = 0
+    largest_component: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "largest_component", tuple(str(n) for n in self.largest_component))
         if not 0.0 < float(self.threshold) < 1.0:
             raise MedsegError(f"threshold {self.threshold} must be within (0, 1), e.g. 0.5")
         if int(self.min_component_size) < 0 or int(self.et_min_voxels) < 0:
@@ -50,7 +56,8 @@ class PostprocessSettings:
     def from_dict(cls, d: dict | None) -> "PostprocessSettings":
         """Settings from a checkpoint's ``inference`` dict (other keys are ignored)."""
         d = d or {}
-        return cls(**{k: d[k] for k in ("threshold", "min_component_size", "et_min_voxels") if d.get(k) is not None})
+        return cls(**{k: d[k] for k in ("threshold", "min_component_size", "et_min_voxels", "largest_component")
+                      if d.get(k) is not None})
 
 
 def to_labels(probabilities: np.ndarray, target: str, scheme: LabelScheme, threshold: float = 0.5) -> np.ndarray:
@@ -101,7 +108,48 @@ def relabel_small_enhancing(labels: np.ndarray, scheme: LabelScheme, min_voxels:
     return out
 
 
+def _largest(mask: np.ndarray) -> np.ndarray:
+    components, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(np.argmax(sizes))
+
+
+def keep_largest_component(labels: np.ndarray, scheme: LabelScheme, names: tuple[str, ...] | list[str]) -> np.ndarray:
+    """Reduce each named region (or class) to its largest connected component (face connectivity).
+
+    For a region, voxels cut away leave it and every region nested inside it (TC and ET outside the kept WT become
+    background; NCR cut from TC stays in WT as oedema); for a class, they become background.
+    """
+    if not names:
+        return labels
+    if scheme.regions:
+        unknown = [n for n in names if n not in scheme.regions]
+        if unknown:
+            raise MedsegError(f"largest_component: {unknown} are not regions of scheme '{scheme.name}' ({', '.join(scheme.regions)})")
+        order = list(scheme.regions)
+        masks = scheme.to_regions(labels)
+        sets = [set(scheme.regions[n]) for n in order]
+        for name in names:
+            i = order.index(name)
+            masks[i] = _largest(masks[i])
+            for j, inner in enumerate(sets):
+                if j != i and inner < sets[i]:
+                    masks[j] &= masks[i]
+        return scheme.from_regions(masks).astype(labels.dtype)
+    out = labels.copy()
+    for name in names:
+        if name not in scheme.labels:
+            raise MedsegError(f"largest_component: '{name}' is not a class of scheme '{scheme.name}' ({', '.join(scheme.labels)})")
+        mask = labels == scheme.labels[name]
+        out[mask & ~_largest(mask)] = 0
+    return out
+
+
 def postprocess(labels: np.ndarray, scheme: LabelScheme, settings: PostprocessSettings) -> np.ndarray:
-    """Small components removed, then the small-ET rule applied."""
+    """Small components removed, regions reduced to their largest component, then the small-ET rule applied."""
     labels = remove_small_components(labels, int(settings.min_component_size))
+    labels = keep_largest_component(labels, scheme, tuple(settings.largest_component))
     return relabel_small_enhancing(labels, scheme, int(settings.et_min_voxels))

@@ -22,6 +22,7 @@ import torch
 from medseg.checkpoint import find_checkpoint, load_checkpoint
 from medseg.data.io import read_volume, write_volume
 from medseg.data.labels import LabelScheme, get_scheme
+from medseg.data.preprocess import Prepared, Preprocessing
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError
 from medseg.inference.engine import (InferenceSettings, autocast_dtype, channels_last_format, resolve_device,
@@ -74,10 +75,45 @@ def build_model(config: dict) -> torch.nn.Module:
     return build_from_config(config)
 
 
+def find_members(run_or_file: str | Path) -> list[Path]:
+    """The checkpoints a model path names: a checkpoint file or run folder gives one; a cross-validation folder
+    (``fold_0/``, ``fold_1/``, ... each a run written by ``medseg train --folds``) gives every fold's, an ensemble."""
+    p = Path(run_or_file)
+    if p.is_dir() and not (p / "checkpoints").is_dir():
+        folds = sorted((d for d in p.glob("fold_*") if (d / "checkpoints").is_dir()), key=lambda d: d.name)
+        if folds:
+            return [find_checkpoint(d) for d in folds]
+    return [find_checkpoint(p)]
+
+
+def chosen_postprocessing(run_dir: str | Path) -> dict:
+    """The postprocessing that cross-validation chose for a fold ensemble (``RUN/postprocessing.json``), or {}."""
+    path = Path(run_dir) / "postprocessing.json"
+    if not path.is_file():
+        return {}
+    import json
+
+    try:
+        return dict(json.loads(path.read_text())["postprocessing"])
+    except (ValueError, KeyError, TypeError):
+        raise MedsegError(f"{path}: not a postprocessing choice written by 'medseg train --folds all'; delete it or "
+                          "run the cross-validation summary again") from None
+
+
+def check_ensemble(members: Sequence[LoadedModel]) -> None:
+    """Models averaged together must read the same channels the same way and predict the same labels."""
+    first = members[0]
+    for m in members[1:]:
+        for what, a, b in (("channels", first.channels, m.channels), ("target", first.target, m.target),
+                           ("label scheme", first.scheme.to_dict(), m.scheme.to_dict()),
+                           ("preprocessing", first.preprocessing, m.preprocessing), ("spatial_dims", first.spatial_dims, m.spatial_dims)):
+            if a != b:
+                raise MedsegError(f"{m.path}: its {what} differ from {first.path}'s; an ensemble needs models trained "
+                                  "with one pipeline (medseg train --folds all)")
+
+
 def load_model(run_or_file: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a run directory or checkpoint file into a :class:`LoadedModel` on ``device``."""
-    from medseg.data.preprocess import Preprocessing
-
     path = find_checkpoint(run_or_file)
     ckpt = load_checkpoint(path)
     model = build_model(dict(ckpt["model"]))
@@ -106,28 +142,83 @@ def settings_for(loaded: LoadedModel, overrides: dict | None = None) -> tuple[In
     return infer, post
 
 
-class Predictor:
-    """Apply a loaded model to scans. ``predict_volumes`` works on arrays in memory; ``predict_case`` on files."""
+@dataclass(frozen=True)
+class Segmenter:
+    """The core shared by ``medseg predict`` and validation during training: a prepared image -> labels on the
+    scan's original grid.
 
-    def __init__(self, loaded: LoadedModel, settings: InferenceSettings, post: PostprocessSettings | None = None,
-                 probabilities: bool = False):
-        self.loaded = loaded
+    Sliding-window logits of each model -> sigmoid (regions) / softmax (labels), averaged over the models (a fold
+    ensemble) -> the preprocessing inverted onto the first channel's original grid -> threshold / argmax -> the
+    scheme's values -> postprocessing. Put the models in eval mode on ``settings.device`` first.
+    """
+
+    models: tuple[torch.nn.Module, ...]
+    preprocessing: Preprocessing
+    scheme: LabelScheme
+    target: str
+    settings: InferenceSettings
+    post: PostprocessSettings = PostprocessSettings()
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.scheme.regions) if self.target == "regions" else len(self.scheme.values)
+
+    def prepared_probabilities(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(K, *prepared spatial)`` float32 probabilities for a prepared image ``(C, *spatial)``."""
+        total = None
+        image = torch.as_tensor(image)
+        fill = background_logits(self.target, self.out_channels)
+        for model in self.models:
+            logits = sliding_window(model, image, self.settings, fill=fill)
+            probs = torch.sigmoid(logits) if self.target == "regions" else torch.softmax(logits, dim=0)
+            del logits
+            total = probs if total is None else total.add_(probs)
+        return (total / len(self.models)).float().cpu().numpy()
+
+    def probabilities(self, image: np.ndarray | torch.Tensor, prepared: Prepared) -> np.ndarray:
+        """``(K, *original spatial)`` probabilities on the original grid described by ``prepared``."""
+        probs = self.prepared_probabilities(image)
+        background = [0.0] * probs.shape[0] if self.target == "regions" else [1.0] + [0.0] * (probs.shape[0] - 1)
+        return self.preprocessing.invert(probs, prepared, order="linear", fill=background)
+
+    def labels(self, probabilities: np.ndarray, post: PostprocessSettings | None = None) -> np.ndarray:
+        """Postprocessed label map (scheme values) from ``(K, *spatial)`` probabilities."""
+        post = post or self.post
+        return postprocess(to_labels(probabilities, self.target, self.scheme, post.threshold), self.scheme, post)
+
+
+class Predictor:
+    """Apply loaded models (one, or the folds of an ensemble) to scans. ``predict_volumes`` works on arrays in
+    memory; ``predict_case`` on files."""
+
+    def __init__(self, loaded: LoadedModel | Sequence[LoadedModel], settings: InferenceSettings,
+                 post: PostprocessSettings | None = None, probabilities: bool = False):
+        members = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
+        self.loaded = members[0]
+        check_ensemble(members)
         self.settings = settings
-        self.post = post or PostprocessSettings()
         self.probabilities = probabilities
         device = resolve_device(settings.device)
-        self.loaded.model.to(device)
-        if settings.channels_last and device.type == "cpu" and autocast_dtype(settings.amp, device) == torch.bfloat16:
-            self.loaded.model.to(memory_format=channels_last_format(loaded.spatial_dims))
+        channels_last = settings.channels_last and device.type == "cpu" and autocast_dtype(settings.amp, device) == torch.bfloat16
+        for member in members:
+            member.model.to(device)
+            if channels_last:
+                member.model.to(memory_format=channels_last_format(member.spatial_dims))
+        self.segmenter = Segmenter(tuple(m.model for m in members), self.loaded.preprocessing, self.loaded.scheme,
+                                   self.loaded.target, settings, post or PostprocessSettings())
+
+    @property
+    def post(self) -> PostprocessSettings:
+        return self.segmenter.post
 
     @classmethod
     def from_checkpoint(cls, run_or_file: str | Path, *, probabilities: bool = False, **overrides) -> "Predictor":
-        loaded = load_model(run_or_file)
-        infer, post = settings_for(loaded, overrides)
-        return cls(loaded, infer, post, probabilities)
-
-    def _fill(self, k: int) -> list[float]:
-        return background_logits(self.loaded.target, k)
+        """One model, or the ensemble of a cross-validation folder with its chosen postprocessing (module
+        :mod:`medseg.training.crossval`); ``overrides`` (non-None) take precedence over both."""
+        members = [load_model(path) for path in find_members(run_or_file)]
+        chosen = chosen_postprocessing(run_or_file) if len(members) > 1 else {}
+        infer, post = settings_for(members[0], {**chosen, **{k: v for k, v in overrides.items() if v is not None}})
+        return cls(members, infer, post, probabilities)
 
     def predict_volumes(self, images: Sequence[Volume]) -> Prediction:
         """Label map (and probabilities) on the grid of ``images[0]`` for one scan's channels, in model order."""
@@ -140,19 +231,8 @@ class Predictor:
                 raise MedsegError(f"channel {name} ({vol.meta.get('path', '?')}) has shape {vol.shape} / another affine than channel "
                                   f"{channels[0]} ({first.shape}); all channels of a scan must share one grid: resample them onto the first")
         prep = self.loaded.preprocessing.apply(list(images))
-        k = int(self.loaded.config.get("out_channels", 0)) or None
-        logits = sliding_window(self.loaded.model, torch.from_numpy(prep.image), self.settings,
-                                fill=self._fill(k) if k else 0.0)
-        if self.loaded.target == "regions":
-            probs = torch.sigmoid(logits)
-        else:
-            probs = torch.softmax(logits, dim=0)
-        probs = probs.float().cpu().numpy()
-        del logits
-        background = [0.0] * probs.shape[0] if self.loaded.target == "regions" else [1.0] + [0.0] * (probs.shape[0] - 1)
-        full = self.loaded.preprocessing.invert(probs, prep, order="linear", fill=background)
-        labels = to_labels(full, self.loaded.target, self.loaded.scheme, self.post.threshold)
-        labels = postprocess(labels, self.loaded.scheme, self.post)
+        full = self.segmenter.probabilities(prep.image, prep)
+        labels = self.segmenter.labels(full)
         prob_vol = first.with_array(np.ascontiguousarray(np.moveaxis(full, 0, -1))) if self.probabilities else None
         return Prediction(first.with_array(labels), prob_vol)
 

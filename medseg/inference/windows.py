@@ -22,6 +22,11 @@ from medseg.errors import MedsegError
 
 Box = tuple[tuple[int, int], ...]
 
+# The option vocabularies of InferenceSettings, kept in this torch-free module so that the pipeline check and the
+# command line (``medseg predict --blend/--stitch``) offer them without importing torch.
+BLENDS = ("gaussian", "constant")  # window weights: gaussian_weights, or all ones
+STITCH_MODES = ("auto", "device", "cpu")  # where the engine accumulates window outputs
+
 
 def max_step(roi: int, overlap: float) -> int:
     """Largest stride between window starts on an axis: ``roi * (1 - overlap)`` rounded down, at least 1."""

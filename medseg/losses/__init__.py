@@ -1,4 +1,4 @@
-"""Segmentation losses, one registry.
+"""Segmentation losses, one registry, built on MONAI's ``DiceLoss`` and ``DiceCELoss``.
 
 =================== ========================= =================================================
 name                target                    what
@@ -8,11 +8,13 @@ name                target                    what
 ``region_dice_bce`` regions                   sigmoid Dice + binary cross-entropy per region (BraTS WT/TC/ET)
 =================== ========================= =================================================
 
-``auto`` picks ``dice_ce`` for labels and ``region_dice_bce`` for regions. :class:`DeepSupervisionLoss`
-applies a loss to auxiliary lower-resolution outputs with halving weights. Inputs are logits
-``(B, K, *spatial)``; targets are ``(B, R, *spatial)`` float masks for regions or ``(B, 1, *spatial)``
-class indices for labels. Dice sums over ``range(2, ndim)``, so every loss works in 2D and 3D. The VAE
-regulariser of ``segresnet_vae`` is computed by the model and added by the training step.
+``auto`` picks ``dice_ce`` for labels and ``region_dice_bce`` for regions; :func:`loss_names` lists the valid
+values of ``loss.name``. :class:`DeepSupervisionLoss` adds auxiliary lower-resolution outputs with halving
+weights. Inputs are logits ``(B, K, *spatial)`` in 2D or 3D, cast to float32 before the loss (AMP gives
+bf16/fp16); targets are ``(B, R, *spatial)`` float masks for regions or ``(B, 1, *spatial)`` class indices for
+labels. Dice is computed per sample and per channel, then averaged (MONAI ``batch=False``), with smoothing 1e-5
+in numerator and denominator; softmax Dice leaves out the background class, sigmoid Dice keeps every region.
+The VAE regulariser of ``segresnet_vae`` is computed by the model and added by the training step.
 
 Example:
     >>> import torch
@@ -23,20 +25,22 @@ Example:
 """
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice
 
-LOSSES: dict[str, Callable[..., nn.Module]] = {}
+LOSSES: dict[str, Callable[[str], nn.Module]] = {}
+TARGETS = ("regions", "labels")
+SMOOTH = 1e-5
 
 
-def register(name: str):
-    def deco(factory):
+def register(name: str) -> Callable[[Callable[[str], nn.Module]], Callable[[str], nn.Module]]:
+    """Decorator adding a factory ``factory(target) -> nn.Module`` to :data:`LOSSES` under ``name``."""
+    def deco(factory: Callable[[str], nn.Module]) -> Callable[[str], nn.Module]:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
         LOSSES[name] = factory
@@ -45,89 +49,102 @@ def register(name: str):
     return deco
 
 
-class SoftDice(nn.Module):
-    """1 - soft Dice, averaged over channels and batch. ``activation``: "softmax" (labels) or "sigmoid" (regions).
+def loss_names() -> tuple[str, ...]:
+    """The valid values of ``loss.name``: ``auto`` and every registered loss."""
+    return ("auto", *LOSSES)
 
-    For labels the target holds class indices ``(B, 1, *spatial)``; the background channel is excluded
-    from the average (``include_background=False``) as foreground overlap is what is optimised.
+
+def create_loss(name: str, target: str) -> nn.Module:
+    """A loss by name for ``target`` "regions" or "labels" (``auto`` picks the usual one).
+
+    The module is called as ``loss(logits, target)`` and returns a float32 scalar.
     """
+    check_choice(target, TARGETS, "data.target")
+    check_choice(name, loss_names(), "loss.name")
+    if name == "auto":
+        name = "region_dice_bce" if target == "regions" else "dice_ce"
+    return LOSSES[name](target)
 
-    def __init__(self, activation: str = "softmax", include_background: bool = False, smooth: float = 1e-5):
+
+def _dice_settings(target: str) -> dict:
+    """MONAI Dice arguments: sigmoid on every region, or softmax over classes without the background."""
+    if target == "regions":
+        act = dict(sigmoid=True, include_background=True)
+    else:
+        act = dict(softmax=True, to_onehot_y=True, include_background=False)
+    return dict(act, batch=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH)
+
+
+class _Float32(nn.Module):
+    """Applies ``loss`` to float32 logits, so reductions under AMP do not run in bf16/fp16."""
+
+    def __init__(self, loss: nn.Module):
         super().__init__()
-        if activation not in ("softmax", "sigmoid"):
-            raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
-        self.activation, self.include_background, self.smooth = activation, include_background, smooth
+        self.loss = loss
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.activation == "softmax":
-            probs = logits.softmax(1)
-            onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1).to(probs.dtype)
-            if not self.include_background:
-                probs, onehot = probs[:, 1:], onehot[:, 1:]
-        else:
-            probs, onehot = logits.sigmoid(), target.to(logits.dtype)
-        dims = tuple(range(2, logits.ndim))
-        inter = (probs * onehot).sum(dims)
-        denom = probs.sum(dims) + onehot.sum(dims)
-        dice = (2 * inter + self.smooth) / (denom + self.smooth)
-        return 1 - dice.mean()
+        return self.loss(logits.float(), target)
 
 
-class _Sum(nn.Module):
-    def __init__(self, *terms: nn.Module):
+class _RegionDiceBCE(nn.Module):
+    """Sigmoid Dice over all regions + binary cross-entropy averaged over every voxel and region.
+
+    MONAI's ``DiceCELoss`` uses binary cross-entropy only for a single channel, so the two terms are added here.
+    """
+
+    def __init__(self):
         super().__init__()
-        self.terms = nn.ModuleList(terms)
+        from monai.losses import DiceLoss
 
-    def forward(self, logits, target):
-        return sum(term(logits, target) for term in self.terms)
+        self.dice = DiceLoss(**_dice_settings("regions"))
 
-
-class _CE(nn.Module):
-    def forward(self, logits, target):
-        return F.cross_entropy(logits.float(), target[:, 0].long())
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = logits.float(), target.float()
+        return self.dice(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
 
 
-class _BCE(nn.Module):
-    def forward(self, logits, target):
-        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
-
-
+# MONAI is imported when a loss is built, so that listing the names (config validation) stays light.
 @register("dice")
 def _dice(target: str) -> nn.Module:
-    return SoftDice("sigmoid" if target == "regions" else "softmax")
+    from monai.losses import DiceLoss
+
+    return _Float32(DiceLoss(**_dice_settings(target)))
 
 
 @register("dice_ce")
 def _dice_ce(target: str) -> nn.Module:
     if target == "regions":
         raise MedsegError("loss.name: dice_ce needs data.target: labels (softmax); for regions use region_dice_bce")
-    return _Sum(SoftDice("softmax"), _CE())
+    from monai.losses import DiceCELoss
+
+    return _Float32(DiceCELoss(**_dice_settings(target), lambda_dice=1.0, lambda_ce=1.0))
 
 
 @register("region_dice_bce")
 def _region_dice_bce(target: str) -> nn.Module:
     if target != "regions":
         raise MedsegError("loss.name: region_dice_bce needs data.target: regions (sigmoid); for labels use dice_ce")
-    return _Sum(SoftDice("sigmoid"), _BCE())
-
-
-def create_loss(name: str, target: str) -> nn.Module:
-    """A loss by name for ``target`` "regions" or "labels" (``auto`` picks the usual one)."""
-    if name == "auto":
-        name = "region_dice_bce" if target == "regions" else "dice_ce"
-    if name not in LOSSES:
-        close = difflib.get_close_matches(name, LOSSES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise MedsegError(f"unknown loss '{name}'{hint}; valid losses: auto, {', '.join(LOSSES)}")
-    return LOSSES[name](target)
+    return _RegionDiceBCE()
 
 
 class DeepSupervisionLoss(nn.Module):
-    """``loss(main) + sum_k w_k loss(aux_k)`` with weights halving per level, normalised to sum to 1.
+    """``sum_k w_k * loss(outputs[k], target)`` over outputs finest first, ``w_k = 2**-k / sum_j 2**-j``.
 
-    Auxiliary outputs may be at lower resolution; the target is resized with nearest neighbour (regions and
-    class indices stay valid).
+    The weights sum to 1, so the main (finest) output is weighted too: 2/3 with one auxiliary output, 4/7 with
+    two, 8/15 with three. ``outputs``: a list of logits ``(B, K, *spatial_k)``; for an output at a lower
+    resolution the target is resized with nearest neighbour (voxel ``i`` takes ``floor(i * scale)``), so class
+    indices and masks stay valid and keep their dtype.
+
+    MONAI's ``DeepSupervisionLoss`` is not used: its weights are not normalised and stop halving at 1/16, it
+    resizes with "nearest-exact" and it cannot resize int64 class-index targets.
+
+    Example:
+        >>> import torch
+        >>> loss = DeepSupervisionLoss(create_loss("dice", target="regions"))
+        >>> target = torch.ones(1, 1, 8, 8)
+        >>> outputs = [torch.full((1, 1, 8, 8), 20.0), torch.zeros(1, 1, 4, 4)]  # Dice losses ~0 and 1/3
+        >>> round(float(loss(outputs, target)), 4)  # 2/3 * 0 + 1/3 * 1/3
+        0.1111
     """
 
     def __init__(self, loss: nn.Module):
@@ -135,10 +152,15 @@ class DeepSupervisionLoss(nn.Module):
         self.loss = loss
 
     def forward(self, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        weights = torch.tensor([0.5 ** k for k in range(len(outputs))])
-        weights = weights / weights.sum()
-        total = 0.0
-        for w, out in zip(weights, outputs):
-            t = target if out.shape[2:] == target.shape[2:] else F.interpolate(target.float(), size=out.shape[2:], mode="nearest").to(target.dtype)
-            total = total + float(w) * self.loss(out, t)
-        return total
+        if isinstance(outputs, torch.Tensor) or not outputs:
+            raise TypeError("DeepSupervisionLoss takes a non-empty list of outputs, finest first")
+        weights = [0.5 ** k for k in range(len(outputs))]
+        total = sum(weights)
+        return sum(w / total * self.loss(out, _resized(target, out.shape[2:])) for w, out in zip(weights, outputs))
+
+
+def _resized(target: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """``target`` on the spatial grid ``size`` by nearest neighbour, dtype kept."""
+    if target.shape[2:] == size:
+        return target
+    return F.interpolate(target.float(), size=tuple(size), mode="nearest").to(target.dtype)

@@ -7,9 +7,10 @@ Public API:
     check_input_size(model, spatial_shape);  valid_input_size(model_or_name, size) -> tuple[int, ...]
 
 Conventions: ``forward(x: (B, in_channels, *S))`` returns ONE tensor ``(B, out_channels, *S)`` in every mode.
-Models with deep supervision (``unetpp``, ``dynunet``) take ``deep_supervision=False``; when it is on, a
-forward in training mode stores the auxiliary logits in ``model.aux_outputs`` (a list, finest first; empty
-otherwise). ``segresnet_vae`` adds ``forward_with_vae_loss(x) -> (seg, vae_loss)``. See ``docs/models.md``.
+Training uses ``forward_train(x) -> TrainOutput(seg, aux, extra_loss)`` (:func:`forward_train` for any module):
+models with deep supervision (``unetpp``, ``dynunet``, ``deep_supervision=True``) give their auxiliary logits in
+``aux`` (finest first), ``segresnet_vae`` its VAE regulariser in ``extra_loss``. Nothing is stored on the module,
+so forward passes are re-entrant. See ``docs/models.md``.
 
 Example:
     >>> import torch
@@ -20,7 +21,7 @@ Example:
 """
 from __future__ import annotations
 
-from medseg.models.base import SegmentationModel, check_input_size, valid_input_size
+from medseg.models.base import SegmentationModel, TrainOutput, check_input_size, forward_train, valid_input_size
 from medseg.models.registry import (MODELS, ModelEntry, build_from_config, create_model, get_entry, list_models,
                                     model_config, register)
 
@@ -29,4 +30,4 @@ from medseg.models import (deeplab, dynunet, fcn, pspnet, resunetpp, segnet, seg
                            unetpp, vnet)
 
 __all__ = ["MODELS", "ModelEntry", "SegmentationModel", "build_from_config", "check_input_size", "create_model",
-           "get_entry", "list_models", "model_config", "register", "valid_input_size"]
+           "get_entry", "list_models", "model_config", "register", "valid_input_size", "TrainOutput", "forward_train"]

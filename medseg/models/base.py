@@ -16,6 +16,7 @@ Example:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -49,12 +50,44 @@ def stride_product(strides: Iterable[int | Sequence[int]], n: int) -> tuple[int,
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class TrainOutput:
+    """What a forward pass for training gives, for every model alike.
+
+    Attributes:
+        seg: the segmentation logits ``(B, out_channels, *S)`` (what ``forward`` returns).
+        aux: auxiliary logits for deep supervision, finest first (may be at lower resolution); empty otherwise.
+        extra_loss: a scalar the model adds to the training loss (the VAE regulariser of ``segresnet_vae``), or None.
+    """
+
+    seg: torch.Tensor
+    aux: tuple[torch.Tensor, ...] = ()
+    extra_loss: torch.Tensor | None = None
+
+
+def forward_train(model: nn.Module, x: torch.Tensor) -> TrainOutput:
+    """``model.forward_train(x)`` for medseg models; any other ``nn.Module`` gives ``TrainOutput(model(x))``."""
+    if hasattr(model, "forward_train"):
+        return model.forward_train(x)
+    return TrainOutput(model(x))
+
+
 class SegmentationModel(nn.Module):
     """Common attributes: ``spatial_dims``, ``in_channels``, ``out_channels``, ``size_divisor`` (per-axis tuple),
-    ``min_size`` (per-axis tuple), ``size_note`` (why, e.g. "depth 4"), and ``unused_in_forward``: name prefixes
-    of parameters that plain ``forward`` does not use in the current configuration (e.g. a VAE branch)."""
+    ``min_size`` (per-axis tuple), ``size_note`` (why, e.g. "depth 4"), ``deep_supervision`` (whether
+    :meth:`forward_train` gives auxiliary outputs), and ``unused_in_forward``: name prefixes of parameters that plain
+    ``forward`` does not use in the current configuration (e.g. a VAE branch).
+
+    ``forward(x)`` returns one tensor in every mode; :meth:`forward_train` returns a :class:`TrainOutput` with the
+    extra training outputs. Neither stores outputs on the module, so both are re-entrant.
+    """
 
     unused_in_forward: tuple[str, ...] = ()
+    deep_supervision: bool = False
+
+    def forward_train(self, x: torch.Tensor) -> TrainOutput:
+        """Logits plus the model's extra training outputs (none by default)."""
+        return TrainOutput(self(x))
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
         super().__init__()

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Act, Conv, Dropout, Norm, Pool
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice
 
 IntOrSeq = int | Sequence[int]
 NORMS = ("instance", "batch", "group", "none")
@@ -31,15 +31,9 @@ def _tup(v: IntOrSeq, n: int) -> tuple[int, ...]:
 
 
 def choose(value: Optional[str], options: Sequence[str], what: str) -> str:
-    """Return ``value`` if it is one of ``options``; otherwise raise a MedsegError with "did you mean"."""
-    import difflib
-
-    key = "none" if value is None else str(value).lower()
-    if key not in options:
-        close = difflib.get_close_matches(key, list(options), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise MedsegError(f"{what}={value!r} is not one of {', '.join(options)}{hint}")
-    return key
+    """``value`` lower-cased (``None`` is ``"none"``) if it is one of ``options``; otherwise the
+    :func:`~medseg.errors.check_choice` error ("did you mean" and the valid options)."""
+    return check_choice("none" if value is None else str(value).lower(), tuple(options), what)
 
 
 def conv(dims: int, cin: int, cout: int, kernel_size: IntOrSeq = 3, stride: IntOrSeq = 1, dilation: IntOrSeq = 1,

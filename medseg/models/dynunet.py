@@ -1,8 +1,8 @@
 """DynUNet: the nnU-Net topology (Isensee 2021) with per-axis kernels and strides (MONAI ``DynUNet``).
 
-The wrapper makes ``forward`` return one tensor in every mode. With ``deep_supervision=True`` a forward in
-training mode stores the ``deep_supr_num`` auxiliary logits (already resized by MONAI to the input size,
-highest resolution first) in ``model.aux_outputs``; otherwise ``aux_outputs`` is an empty list.
+The wrapper makes ``forward`` return one tensor in every mode. With ``deep_supervision=True``,
+``forward_train`` in training mode also returns the ``deep_supr_num`` auxiliary logits (already resized by MONAI
+to the input size, highest resolution first).
 
 Defaults follow nnU-Net's 3D full-resolution plan for a 128^3 patch: 6 levels, 3x3x3 kernels, first stride 1
 then 2, filters 32, 64, 128, 256, 320, 320.
@@ -17,7 +17,8 @@ Example:
     >>> net.size_divisor
     (4, 4, 2)
     >>> _ = net.train()
-    >>> net(torch.zeros(1, 2, 16, 12, 6)).shape, len(net.aux_outputs)
+    >>> out = net.forward_train(torch.zeros(1, 2, 16, 12, 6))
+    >>> out.seg.shape, len(out.aux)
     (torch.Size([1, 3, 16, 12, 6]), 1)
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from monai.networks.nets import DynUNet as _MonaiDynUNet
 
 from medseg.errors import MedsegError
-from medseg.models.base import SegmentationModel, as_tuple, stride_product
+from medseg.models.base import SegmentationModel, TrainOutput, as_tuple, stride_product
 from medseg.models.blocks import choose
 from medseg.models.registry import register
 
@@ -59,20 +60,21 @@ class DynUNet(SegmentationModel):
         norm_arg = {"instance": ("INSTANCE", {"affine": True}), "batch": "BATCH", "group": ("GROUP", {"num_groups": 8})}[norm]
         self.set_size_rule(stride_product(strides, spatial_dims), f"{n} levels")
         self.deep_supervision = bool(deep_supervision)
-        self.aux_outputs: list[torch.Tensor] = []
         self.net = _MonaiDynUNet(spatial_dims, in_channels, out_channels, kernels, strides, strides[1:], filters=filters,
                                  norm_name=norm_arg, deep_supervision=self.deep_supervision, deep_supr_num=deep_supr_num,
                                  res_block=res_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_train(x).seg
+
+    def forward_train(self, x: torch.Tensor) -> TrainOutput:
+        """Main logits and, with deep supervision in training mode, the auxiliary heads (resized to the input)."""
         self.check_input(x)
         out = self.net(x)
-        if self.training and self.deep_supervision:
+        if self.training and self.deep_supervision:  # MONAI's DynUNet stacks the heads on axis 1 in training mode
             main, *aux = out.unbind(1)
-            self.aux_outputs = aux
-            return main
-        self.aux_outputs = []
-        return out
+            return TrainOutput(main, tuple(aux))
+        return TrainOutput(out)
 
 
 @register("dynunet", (2, 3), PAPER, test_kwargs={"filters": (4, 8, 16, 16), "strides": (1, 2, 2, 2)},

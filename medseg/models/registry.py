@@ -15,13 +15,12 @@ Example:
 from __future__ import annotations
 
 import copy
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, check_choice
 
 _CONFIG_ATTR = "_medseg_config"
 
@@ -66,11 +65,7 @@ def list_models() -> list[str]:
 
 def get_entry(name: str) -> ModelEntry:
     """The registry entry of ``name``; an unknown name raises :class:`MedsegError` with "did you mean"."""
-    if not isinstance(name, str) or name not in MODELS:
-        close = difflib.get_close_matches(str(name), list(MODELS), n=3, cutoff=0.5)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise MedsegError(f"unknown model {name!r}{hint}; valid models: {', '.join(list_models())}")
-    return MODELS[name]
+    return MODELS[check_choice(name, list_models(), "model")]
 
 
 def _plain(value: Any) -> Any:

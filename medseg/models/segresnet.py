@@ -11,7 +11,7 @@
   up-sampling stages without skips into a reconstruction of the input.
 
 ``forward(x)`` returns only the segmentation ``(B, out_channels, *S)``; the VAE branch is skipped.
-``forward_with_vae_loss(x)`` returns ``(seg, vae_loss)`` with ``vae_loss = vae_l2_weight * mean((recon - x)^2)
+``forward_train(x)`` returns ``TrainOutput(seg, extra_loss=vae_loss)`` with ``vae_loss = vae_l2_weight * mean((recon - x)^2)
 + vae_kl_weight * KL``, ``KL = mean(mu^2 + sigma^2 - log(sigma^2) - 1)`` (weights 0.1 and 0.1 in the paper).
 
 Any input size the encoder accepts (multiples of 8) works with the VAE: the paper flattens a fixed
@@ -24,8 +24,8 @@ Example:
     >>> from medseg.models import create_model
     >>> net = create_model("segresnet_vae", 3, 2, 3, init_filters=8, vae_input_size=(32, 32, 32))
     >>> x = torch.randn(1, 2, 32, 24, 16)
-    >>> seg, vae_loss = net.forward_with_vae_loss(x)
-    >>> seg.shape, vae_loss.ndim
+    >>> out = net.forward_train(x)
+    >>> out.seg.shape, out.extra_loss.ndim
     (torch.Size([1, 3, 32, 24, 16]), 0)
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from monai.networks.blocks.segresnet_block import ResBlock
 from monai.networks.nets import SegResNet as _MonaiSegResNet
 
 from medseg.errors import MedsegError
-from medseg.models.base import SegmentationModel, as_tuple
+from medseg.models.base import SegmentationModel, TrainOutput, as_tuple
 from medseg.models.blocks import Upsample, adaptive_avg_pool, conv, interpolate, norm as make_norm
 from medseg.models.registry import register
 
@@ -142,20 +142,18 @@ class SegResNetVAE(SegmentationModel):
             skips.append(y)
         return skips.pop(), skips
 
-    def forward(self, x: torch.Tensor, return_vae_loss: bool = False):
-        """Segmentation logits ``(B, out_channels, *S)``. ``return_vae_loss=True`` (for DDP-wrapped training
-        only) returns ``(seg, vae_loss)`` like :meth:`forward_with_vae_loss`."""
-        if return_vae_loss:
-            return self.forward_with_vae_loss(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits ``(B, out_channels, *S)``."""
         deep, skips = self._encode(x)
         return self.head(self.decoder(deep, skips))
 
-    def forward_with_vae_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(seg (B, out_channels, *S), vae_loss scalar)``; the latent is sampled in training, its mean in eval."""
+    def forward_train(self, x: torch.Tensor) -> TrainOutput:
+        """Segmentation logits and the VAE regulariser as ``extra_loss``; the latent is sampled in training, its
+        mean in eval."""
         deep, skips = self._encode(x)
         seg = self.head(self.decoder(deep, skips))
         recon, mu, logvar = self._vae(deep)
-        return seg, self.vae_loss_terms(recon, x, mu, logvar)
+        return TrainOutput(seg, (), self.vae_loss_terms(recon, x, mu, logvar))
 
     def _vae(self, deep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         v = self.vae
@@ -174,7 +172,7 @@ class SegResNetVAE(SegmentationModel):
 
     def vae_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The VAE regulariser alone (scalar)."""
-        return self.forward_with_vae_loss(x)[1]
+        return self.forward_train(x).extra_loss
 
 
 @register("segresnet", (2, 3), PAPER + " (without the VAE branch)", test_kwargs={"init_filters": 8})

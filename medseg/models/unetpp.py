@@ -3,8 +3,8 @@
 Node ``X[i][j]`` (level ``i``, column ``j``) is a double conv-norm-act block. ``X[i][0]`` is the encoder
 (2x max-pooling between levels); for ``j >= 1``, ``X[i][j] = block(cat(X[i][0..j-1], up(X[i+1][j-1])))``.
 The output is a 1x1 conv of ``X[0][L-1]``. With ``deep_supervision=True`` the 1x1 heads on
-``X[0][1..L-2]`` are built as well and, in training mode, their logits (full resolution) are stored in
-``model.aux_outputs``; ``forward`` still returns only the ``X[0][L-1]`` logits.
+``X[0][1..L-2]`` are built as well and ``forward_train`` returns their logits (full resolution) as auxiliary
+outputs; ``forward`` returns only the ``X[0][L-1]`` logits.
 
 Shapes: ``x: (B, in_channels, *S) -> (B, out_channels, *S)``, each axis a multiple of ``2 ** (len(channels)-1)``.
 
@@ -12,7 +12,8 @@ Example:
     >>> import torch
     >>> from medseg.models import create_model
     >>> net = create_model("unetpp", 2, 1, 2, channels=(4, 8, 16), deep_supervision=True).train()
-    >>> net(torch.zeros(2, 1, 32, 24)).shape, [a.shape[1:] for a in net.aux_outputs]
+    >>> out = net.forward_train(torch.zeros(2, 1, 32, 24))
+    >>> out.seg.shape, [a.shape[1:] for a in out.aux]
     (torch.Size([2, 2, 32, 24]), [torch.Size([2, 32, 24])])
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from medseg.errors import MedsegError
-from medseg.models.base import SegmentationModel
+from medseg.models.base import SegmentationModel, TrainOutput
 from medseg.models.blocks import ConvNormAct, Upsample, conv, max_pool
 from medseg.models.registry import register
 
@@ -48,7 +49,6 @@ class UNetPlusPlus(SegmentationModel):
         self.levels = levels
         self.set_size_rule(2 ** (levels - 1), f"{levels} levels")
         self.deep_supervision = bool(deep_supervision)
-        self.aux_outputs: list[torch.Tensor] = []
         self.pool = max_pool(dims, 2)
         self.nodes = nn.ModuleDict()
         self.ups = nn.ModuleDict()
@@ -62,6 +62,17 @@ class UNetPlusPlus(SegmentationModel):
         self.heads = nn.ModuleDict({str(j): conv(dims, ch[0], out_channels, 1) for j in range(first, levels)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads[str(self.levels - 1)](self._top_row(x)[-1])
+
+    def forward_train(self, x: torch.Tensor) -> TrainOutput:
+        """Main logits, and with deep supervision the heads on X(0,L-2) ... X(0,1) as auxiliary outputs."""
+        row = self._top_row(x)
+        last = self.levels - 1
+        aux = tuple(self.heads[str(j)](row[j - 1]) for j in range(last - 1, 0, -1)) if self.deep_supervision else ()
+        return TrainOutput(self.heads[str(last)](row[-1]), aux)
+
+    def _top_row(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The nested nodes X(0,1) ... X(0,L-1) of the top row."""
         self.check_input(x)
         grid: dict[tuple[int, int], torch.Tensor] = {}
         for i in range(self.levels):
@@ -71,12 +82,7 @@ class UNetPlusPlus(SegmentationModel):
             for i in range(self.levels - j):
                 inputs = [grid[i, k] for k in range(j)] + [self.ups[f"{i}_{j}"](grid[i + 1, j - 1])]
                 grid[i, j] = self.nodes[f"{i}_{j}"](torch.cat(inputs, 1))
-        last = self.levels - 1
-        if self.training and self.deep_supervision:
-            self.aux_outputs = [self.heads[str(j)](grid[0, j]) for j in range(last - 1, 0, -1)]
-        else:
-            self.aux_outputs = []
-        return self.heads[str(last)](grid[0, last])
+        return [grid[0, j] for j in range(1, self.levels)]
 
 
 @register("unetpp", (2, 3), PAPER, test_kwargs={"channels": (4, 8, 8, 16)},

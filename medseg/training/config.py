@@ -7,7 +7,6 @@ Paths inside a pipeline are relative to the pipeline file. See ``pipelines/demo.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,8 +15,11 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from medseg.data.augment import Augmentation
 from medseg.data.preprocess import Preprocessing
-from medseg.errors import MedsegError
+from medseg.inference.engine import InferenceSettings
+from medseg.inference.postprocess import PostprocessSettings
+from medseg.errors import MedsegError, check_choice, suggest
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class DataConfig:
     val_fold: Optional[int] = 0  # cases of this fold validate; the others train
     val_split: Optional[str] = None  # alternatively: cases whose split is this value validate
     train_split: Optional[str] = None
-    cache: str = "memory"  # memory | disk | none
+    cache: str = "memory"  # memory | disk
     cache_dir: Optional[str] = None
     workers: int = 2
 
@@ -54,15 +56,13 @@ class ModelConfig:
 class SamplingConfig:
     patch_size: tuple[int, ...] = (64, 64, 64)
     batch_size: int = 2
-    sampler: str = "foreground"  # uniform | foreground | class_balanced
+    sampler: str = "foreground"  # a name of medseg.data.sampling.SAMPLERS
     foreground_fraction: float = 0.33
-    flip: bool = True
-    intensity: bool = True
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "auto"  # auto | dice | dice_ce | region_dice_bce
+    name: str = "auto"  # auto or a name of medseg.losses.LOSSES
     deep_supervision: bool = False
     vae_weight: float = 1.0  # weight of the segresnet_vae regulariser in the total loss
 
@@ -88,19 +88,12 @@ class TrainingConfig:
     epochs: int = 50
     iterations_per_epoch: int = 100
     val_interval: int = 1
-    amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16/fp16 on CUDA, off on CPU)
+    amp: str = "auto"  # medseg.runtime.PRECISIONS (auto: bf16/fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else off)
     grad_clip: Optional[float] = 12.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    roi_size: Optional[tuple[int, ...]] = None  # default: the patch size
-    overlap: float = 0.5
-    blend: str = "gaussian"  # gaussian | constant
-    sw_batch_size: int = 2
-    tta: bool = False
+    model_selection: str = "final"  # final | smoothed | best: which epoch's model checkpoints/best.pt holds
+    smoothing: float = 0.9  # model_selection smoothed: weight of the past in the moving average of validation Dice
 
 
 @dataclass(frozen=True)
@@ -112,11 +105,13 @@ class Pipeline:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    augmentation: Augmentation = field(default_factory=Augmentation)  # of the training patches; nnU-Net's defaults
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)  # roi_size null: the patch size
+    postprocessing: PostprocessSettings = field(default_factory=PostprocessSettings)  # applied by validation and predict
     base_dir: str = field(default=".", metadata={"internal": True})  # folder of the pipeline file
 
     def to_dict(self, resolve_paths: bool = False) -> dict:
@@ -141,16 +136,28 @@ class Pipeline:
         return tuple(self.inference.roi_size or self.sampling.patch_size)
 
 
-CHOICES = {
+CHOICES = {  # options with no registry of their own; those with one are read from it by choices()
     "data.target": ("regions", "labels"),
-    "data.cache": ("memory", "disk", "none"),
-    "sampling.sampler": ("uniform", "foreground", "class_balanced"),
-    "loss.name": ("auto", "dice", "dice_ce", "region_dice_bce"),
+    "data.cache": ("memory", "disk"),
     "optimizer.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("poly", "cosine", "constant"),
-    "training.amp": ("auto", "off", "bf16", "fp16"),
-    "inference.blend": ("gaussian", "constant"),
+    "training.model_selection": ("final", "smoothed", "best"),
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every option key of a pipeline with its valid values: :data:`CHOICES` plus the lists read from their
+    registries at call time, so that a model, sampler or loss registered after import is accepted."""
+    from medseg.data.sampling import SAMPLERS
+    from medseg.inference.windows import BLENDS
+    from medseg.losses import loss_names
+    from medseg.models import list_models
+    from medseg.runtime import PRECISIONS
+
+    return {**CHOICES, "model.name": tuple(list_models()), "sampling.sampler": tuple(SAMPLERS), "loss.name": loss_names(),
+            "training.amp": PRECISIONS, "inference.blend": BLENDS}
+
+
 POSITIVE = ("sampling.batch_size", "training.epochs", "training.iterations_per_epoch", "training.val_interval",
             "optimizer.lr", "inference.sw_batch_size", "data.synthetic.cases")
 
@@ -201,9 +208,17 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp in _SCALARS:
         accepts, expected = _SCALARS[tp]
         if not accepts(value):
-            raise MedsegError(f"{key}: expected {expected}, got {value!r}")
+            hint = " (YAML reads unquoted off/on/no/yes as true/false: quote the word, e.g. 'off')" if tp is str and isinstance(value, bool) else ""
+            raise MedsegError(f"{key}: expected {expected}, got {value!r}{hint}")
         return float(value) if tp is float else value
     return value
+
+
+MOVED = {  # keys of older pipeline files -> where their setting lives now
+    "sampling.flip": "mirroring is augmentation.mirror_p (0.5 per axis; 0 turns it off); remove sampling.flip",
+    "sampling.intensity": "intensity augmentation is in the augmentation section (e.g. augmentation.gamma_p; "
+                          "augmentation.enabled: false turns all augmentation off); remove sampling.intensity",
+}
 
 
 def _build(cls, data: Any, prefix: str):
@@ -216,22 +231,21 @@ def _build(cls, data: Any, prefix: str):
     values = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if full in MOVED:
+            raise MedsegError(f"{full}: this key moved: {MOVED[full]}")
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise MedsegError(f"{full}: unknown key{hint}; valid keys here: {', '.join(fields)}")
+            raise MedsegError(f"{full}: unknown key{suggest(key, fields)}; valid keys here: {', '.join(fields)}")
         values[key] = _coerce(value, hints[key], full)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except MedsegError as err:  # a settings class that checks itself names its field; add the section
+        raise MedsegError(f"{prefix}.{err}" if prefix and not str(err).startswith(prefix) else str(err)) from None
 
 
 def _check_values(p: Pipeline) -> None:
-    for key, choices in CHOICES.items():
+    for key, options in choices().items():
         section, name = key.split(".")
-        value = getattr(getattr(p, section), name)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise MedsegError(f"{key}: '{value}' is not valid{hint}; choose one of {', '.join(choices)}")
+        check_choice(getattr(getattr(p, section), name), options, key)
     for key in POSITIVE:
         obj = p
         for part in key.split("."):
@@ -243,6 +257,7 @@ def _check_values(p: Pipeline) -> None:
     dims = p.model.spatial_dims
     if dims not in (2, 3):
         raise MedsegError(f"model.spatial_dims: {dims} is not 2 or 3")
+    p.augmentation.check(dims)
     for key, size in (("sampling.patch_size", p.sampling.patch_size), ("inference.roi_size", p.inference.roi_size)):
         if size is not None and (len(size) != dims or any(s <= 0 for s in size)):
             raise MedsegError(f"{key}: {list(size)} must have {dims} positive sizes for a {dims}D model")

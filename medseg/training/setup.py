@@ -1,8 +1,7 @@
-"""Building a training run from a pipeline: data split, cases, patch dataset, model, loss, optimiser, schedule."""
+"""The data of a training run from a pipeline: manifest, label scheme, split, prepared cases, patch dataset."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 from medseg.data.dataset import CaseCache, CaseData
 from medseg.data.labels import LabelScheme, get_scheme
 from medseg.data.manifest import Manifest, assign_folds, read_manifest
-from medseg.data.sampling import augment, choose_centre, crop_patch
+from medseg.data.augment import augment_patch
+from medseg.data.sampling import choose_centre
 from medseg.errors import MedsegError
 from medseg.training.config import Pipeline
 
@@ -35,11 +35,18 @@ def _validates(case, p: Pipeline) -> bool:
     return p.data.val_fold is not None and case.fold == p.data.val_fold
 
 
+def with_folds(manifest: Manifest, p: Pipeline) -> Manifest:
+    """The manifest's folds, or 5 folds assigned with the pipeline's seed when it has none."""
+    if all(c.fold is None for c in manifest.cases):
+        return assign_folds(manifest, 5, p.seed)
+    return manifest
+
+
 def split_cases(manifest: Manifest, p: Pipeline) -> tuple[Manifest, Manifest]:
     """(train, validation) cases by ``data.val_split`` or ``data.val_fold`` (folds assigned if absent)."""
     m = manifest
-    if p.data.val_split is None and p.data.val_fold is not None and all(c.fold is None for c in m.cases):
-        m = assign_folds(m, 5, p.seed)
+    if p.data.val_split is None and p.data.val_fold is not None:
+        m = with_folds(m, p)
     val = replace(m, cases=tuple(c for c in m.cases if _validates(c, p)))
     train = replace(m, cases=tuple(c for c in m.cases if not _validates(c, p)
                                    and (p.data.train_split is None or c.split == p.data.train_split)))
@@ -106,52 +113,13 @@ class PatchDataset(torch.utils.data.Dataset):
         p = self.p
         rng = np.random.default_rng([p.seed, self.epoch, i * self.world + self.rank])
         case = self.cases[int(rng.integers(len(self.cases)))]
-        patch = tuple(p.sampling.patch_size)
-        if p.model.spatial_dims == 2:
-            patch = (*patch, 1)
         centre = choose_centre(p.sampling.sampler, case.shape, case.class_coords, rng, p.sampling.foreground_fraction)
-        image, label = crop_patch(case.image, case.label, centre, patch)
-        if p.model.spatial_dims == 2:
-            image, label = image[..., 0], label[..., 0]
-        image, label = augment(image, label, rng, p.sampling.flip, p.sampling.intensity)
+        image, label = case.image, case.label
+        if p.model.spatial_dims == 2:  # an axial slice through the centre: a 3D patch of depth 1
+            image, label, centre = image[..., centre[2]], label[..., centre[2]], centre[:2]
+        # cropped with a margin (a view), augmented, centre-cropped to the patch size; labels still label values
+        image, label = augment_patch(image, label, centre, p.sampling.patch_size, p.augmentation, rng)
         return torch.from_numpy(image), torch.from_numpy(make_target(label, self.scheme, p.data.target))
-
-
-def build_optimizer(p: Pipeline, params) -> torch.optim.Optimizer:
-    o = p.optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
-
-
-@dataclass(frozen=True)
-class LRFactor:
-    """Learning-rate factor per epoch: linear warm-up, then poly, cosine or constant (picklable)."""
-
-    name: str
-    epochs: int
-    warmup: int
-    power: float
-    floor: float
-
-    def __call__(self, epoch: int) -> float:
-        if epoch < self.warmup:
-            return (epoch + 1) / (self.warmup + 1)
-        t = min(1.0, (epoch - self.warmup) / max(1, self.epochs - self.warmup))
-        if self.name == "poly":
-            f = (1 - t) ** self.power
-        elif self.name == "cosine":
-            f = 0.5 * (1 + math.cos(math.pi * t))
-        else:
-            f = 1.0
-        return max(f, self.floor)
-
-
-def build_scheduler(p: Pipeline, optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    s = p.schedule
-    floor = s.min_lr / p.optimizer.lr if p.optimizer.lr else 0.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(s.name, epochs, s.warmup_epochs, s.power, floor))
 
 
 def load_cases(p: Pipeline, manifest: Manifest, scheme: LabelScheme, run_dir: Path, progress: bool) -> CaseCache:

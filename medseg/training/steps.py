@@ -1,8 +1,9 @@
 """The model side of a training step: building the model, its loss terms, DDP wrapping.
 
-``forward`` of every registered model returns one tensor. Extra training terms are reached here only:
-``segresnet_vae`` gives its VAE regulariser through ``forward_with_vae_loss``, models with deep supervision
-expose their auxiliary outputs as ``aux_outputs`` after a forward in training mode.
+Every model's training forward gives one :class:`medseg.models.TrainOutput` (segmentation logits, auxiliary
+outputs for deep supervision, an extra loss such as the VAE regulariser); the step turns it into one loss. Under
+DDP the wrapped module is :class:`TrainForward`, whose ``forward`` *is* the training forward, so DDP sees every
+parameter the loss uses and nothing is stored on the model between calls.
 """
 from __future__ import annotations
 
@@ -12,17 +13,30 @@ import torch
 import torch.nn as nn
 
 from medseg.errors import MedsegError
+from medseg.models import TrainOutput, forward_train
 from medseg.training.config import Pipeline
 from medseg.training.distributed import DistInfo
 
 
+class TrainForward(nn.Module):
+    """``forward(x)`` = ``forward_train(net, x)`` as a tuple (what DDP can wrap and traverse)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        out = forward_train(self.net, x)
+        return out.seg, out.aux, out.extra_loss
+
+
 @dataclass
 class ModelStep:
-    model: nn.Module  # possibly DDP-wrapped
     bare_model: nn.Module
     config: dict
     vae_weight: float
     deep_supervision: bool
+    train_forward: nn.Module  # TrainForward, DDP-wrapped when distributed
 
     @classmethod
     def build(cls, p: Pipeline, in_channels: int, out_channels: int, device: torch.device) -> "ModelStep":
@@ -36,10 +50,10 @@ class ModelStep:
                                  out_channels=out_channels, **kwargs)
         except TypeError as err:
             raise MedsegError(f"model.kwargs: {err}; see 'medseg models' and docs/models.md for the arguments of {p.model.name}") from None
-        if p.loss.deep_supervision and not hasattr(model, "aux_outputs"):
+        if p.loss.deep_supervision and not getattr(model, "deep_supervision", False):
             raise MedsegError(f"loss.deep_supervision: model {p.model.name} has no deep supervision; set it to false or use unetpp/dynunet")
         model = model.to(device)
-        return cls(model, model, model_config(model), p.loss.vae_weight, p.loss.deep_supervision)
+        return cls(model, model_config(model), p.loss.vae_weight, p.loss.deep_supervision, TrainForward(model))
 
     def check_size(self, size: tuple[int, ...], key: str) -> None:
         from medseg.models import check_input_size
@@ -52,18 +66,12 @@ class ModelStep:
     def wrap_ddp(self, info: DistInfo) -> None:
         if info.enabled:
             ids = [info.local_rank] if next(self.bare_model.parameters()).is_cuda else None
-            self.model = nn.parallel.DistributedDataParallel(self.bare_model, device_ids=ids,
-                                                             find_unused_parameters=self.deep_supervision)
+            self.train_forward = nn.parallel.DistributedDataParallel(self.train_forward, device_ids=ids)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
-        """Segmentation loss (+ deep supervision) (+ weighted VAE regulariser) for a batch."""
-        if hasattr(self.bare_model, "forward_with_vae_loss"):
-            if isinstance(self.model, nn.parallel.DistributedDataParallel):
-                seg, vae = self.model(x, return_vae_loss=True)
-            else:
-                seg, vae = self.bare_model.forward_with_vae_loss(x)
-            return loss_fn(seg, y) + self.vae_weight * vae
-        seg = self.model(x)
-        if self.deep_supervision:
-            return loss_fn([seg, *self.bare_model.aux_outputs], y)
-        return loss_fn(seg, y)
+        """Segmentation loss (over the main and, with deep supervision, auxiliary outputs) + weighted extra loss."""
+        out = TrainOutput(*self.train_forward(x))
+        total = loss_fn([out.seg, *out.aux], y) if self.deep_supervision else loss_fn(out.seg, y)
+        if out.extra_loss is not None:
+            total = total + self.vae_weight * out.extra_loss
+        return total

@@ -1,66 +1,84 @@
-"""Validation during training: sliding-window inference on whole validation volumes, Dice per region/class."""
+"""Validation during training: what ``medseg predict`` would write, scored by ``medseg.evaluation``.
+
+Each validation case is segmented by the inference core (:class:`medseg.inference.predictor.Segmenter`: sliding
+window with the pipeline's inference settings, probabilities inverted onto the scan's own grid, the pipeline's
+postprocessing) and compared with its original label map on that grid by :func:`medseg.evaluation.compute_metrics`
+(Dice only: surface distances are left to ``medseg evaluate``). So the numbers in ``metrics.csv`` are the Dice
+that ``medseg predict`` + ``medseg evaluate`` give for the same model.
+"""
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from medseg.data.dataset import CaseData
+from medseg.data.io import read_volume
 from medseg.data.labels import LabelScheme
+from medseg.data.manifest import Case
+from medseg.evaluation.metrics import MetricSettings, compute_metrics
+from medseg.inference.predictor import Segmenter
+from medseg.runtime import Precision
 from medseg.training.config import Pipeline
 
 
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks; both empty counts as 1 (the BraTS convention)."""
-    p, r = int(pred.sum()), int(ref.sum())
-    if p + r == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(pred, ref).sum()) / (p + r)
+@dataclass(frozen=True)
+class ValidationCase:
+    """A prepared case (``data``: image on the prepared grid and the inversion record) and its original label map."""
+
+    data: CaseData
+    label: np.ndarray
+    spacing: tuple[float, ...]
 
 
-def predict_labels(model: torch.nn.Module, image: np.ndarray, p: Pipeline, scheme: LabelScheme, device: torch.device,
-                   autocast: dict | None) -> np.ndarray:
-    """Label map (scheme values) for a prepared image ``(C, *spatial)`` by sliding-window inference.
-
-    Uses the inference engine with the pipeline's inference settings, so validation measures what
-    ``medseg predict`` will do (a 2D model runs slice by slice on the volume).
-    """
-    from medseg.inference.engine import InferenceSettings, sliding_window
-    from medseg.inference.predictor import background_logits
-
-    settings = InferenceSettings(roi_size=p.roi_size, overlap=p.inference.overlap, blend=p.inference.blend,
-                                 sw_batch_size=p.inference.sw_batch_size, tta=False, amp="on" if autocast else "off",
-                                 device=str(device), channels_last=False)
-    k = len(scheme.regions) if p.data.target == "regions" else len(scheme.values)
-    scores = sliding_window(model, torch.from_numpy(image), settings, fill=background_logits(p.data.target, k))
-    scores = scores.float().cpu().numpy()
-    if p.data.target == "regions":
-        return scheme.from_regions(scores > 0.0)  # sigmoid(x) > 0.5  <=>  x > 0
-    return scheme.from_indices(scores.argmax(0))
+def validation_cases(prepared: Sequence[CaseData], cases: Sequence[Case]) -> list[ValidationCase]:
+    """Pair prepared cases with their original label maps (read once; cases without a label are left out)."""
+    by_id = {c.id: c for c in cases}
+    out = []
+    for data in prepared:
+        case = by_id[data.id]
+        if case.label is None:
+            continue
+        vol = read_volume(case.label)
+        out.append(ValidationCase(data, np.asarray(vol.array), tuple(float(s) for s in vol.spacing)))
+    return out
 
 
-def case_scores(pred: np.ndarray, ref: np.ndarray, scheme: LabelScheme) -> dict[str, float]:
-    """Dice per region (schemes with regions) or per class."""
-    if scheme.regions:
-        pr, rr = scheme.to_regions(pred), scheme.to_regions(ref)
-        return {name: dice(pr[i], rr[i]) for i, name in enumerate(scheme.region_names)}
-    return {name: dice(pred == v, ref == v) for name, v in scheme.labels.items()}
+def segmenter_for(model: torch.nn.Module, p: Pipeline, scheme: LabelScheme, precision: Precision) -> Segmenter:
+    """The inference core for ``model`` with the pipeline's settings, in the training's precision, without TTA."""
+    settings = replace(p.inference, roi_size=p.roi_size, tta=False, amp=_amp_name(precision),
+                       device=str(precision.device), channels_last=False)
+    return Segmenter((model,), p.preprocessing, scheme, p.data.target, settings, p.postprocessing)
 
 
-def validate(model: torch.nn.Module, cases: Iterable[CaseData], p: Pipeline, scheme: LabelScheme, device: torch.device,
-             autocast: dict | None) -> dict[str, float]:
-    """Mean Dice per region/class over the validation cases, plus ``mean`` (their average)."""
-    per_case = []
-    model.eval()
-    with torch.inference_mode():
-        for case in cases:
-            pred = predict_labels(model, case.image, p, scheme, device, autocast)
-            per_case.append(case_scores(pred, case.label, scheme))
-    model.train()
-    if not per_case:
+def _amp_name(precision: Precision) -> str:
+    return {"fp32": "off"}.get(precision.name, precision.name)
+
+
+def case_dice(segmenter: Segmenter, case: ValidationCase) -> dict[str, float]:
+    """Dice per region (schemes with regions) or per class of one case, on the scan's own grid."""
+    labels = segmenter.labels(segmenter.probabilities(case.data.image, case.data.geometry))
+    which, kind = ("regions", "region") if segmenter.scheme.regions else ("classes", "class")
+    table = compute_metrics(labels, case.label, case.spacing, segmenter.scheme, MetricSettings(distances=False, targets=(which,)))
+    rows = table[table["kind"] == kind]
+    return {str(t): float(d) for t, d in zip(rows["target"], rows["dice"])}
+
+
+def validate(model: torch.nn.Module, cases: Sequence[ValidationCase], p: Pipeline, scheme: LabelScheme,
+             precision: Precision) -> dict[str, float]:
+    """Mean Dice per region/class over the validation cases (``dice_<name>``), plus ``dice_mean`` (their average)."""
+    if not cases:
         return {}
-    names = list(per_case[0])
+    segmenter = segmenter_for(model, p, scheme, precision)
+    was_training = model.training
+    model.eval()
+    try:
+        per_case = [case_dice(segmenter, c) for c in cases]
+    finally:
+        model.train(was_training)
+    names = [n for n in per_case[0] if n != "background"]
     out = {f"dice_{n}": float(np.mean([c[n] for c in per_case])) for n in names}
     out["dice_mean"] = float(np.mean([out[f"dice_{n}"] for n in names]))
     return out

@@ -1,0 +1,173 @@
+"""Cross-validation: one model per fold, out-of-fold predictions, postprocessing chosen on them, one report.
+
+``medseg train PIPELINE --folds all --output RUN`` trains ``RUN/fold_0`` ... ``RUN/fold_{K-1}`` (fold k validates on
+the cases of fold k and trains on the others), then:
+
+1. predicts every case with the model that did not train on it (``RUN/cv/predictions``, the scans' own grids);
+2. chooses the postprocessing on these out-of-fold predictions, as nnU-Net does: a region (or class) is reduced to
+   its largest connected component only where that raises its mean Dice, and for BraTS-style schemes enhancing
+   tumour smaller than N voxels is relabelled necrosis with N chosen from a grid (0 = off). The choice and the Dice
+   before/after go to ``RUN/postprocessing.json``; ``medseg predict --model RUN`` applies it to the fold ensemble;
+3. writes ``RUN/cv/report`` (``medseg evaluate`` over all out-of-fold cases, postprocessed: one report for all folds).
+
+The postprocessing is chosen and scored on the same out-of-fold cases, so its gain is slightly optimistic (it is two
+or three discrete choices, not a fit).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medseg.atomic import write_text_atomic
+from medseg.data.io import read_volume, write_volume
+from medseg.data.labels import LabelScheme
+from medseg.data.manifest import Manifest, read_manifest, write_manifest
+from medseg.errors import MedsegError
+from medseg.evaluation.metrics import MetricSettings, compute_metrics
+from medseg.inference.postprocess import PostprocessSettings, postprocess
+from medseg.training import setup
+from medseg.training.config import Pipeline
+
+ET_GRID = (0, 25, 50, 100, 200, 300, 500, 750, 1000)  # voxels; BraTS-style small-ET relabelling thresholds tried
+
+
+def fold_pipeline(p: Pipeline, fold: int) -> Pipeline:
+    """The pipeline of one fold: fold ``fold`` validates, the others train."""
+    return replace(p, data=replace(p.data, val_fold=int(fold), val_split=None))
+
+
+def cv_manifest(p: Pipeline, run_dir: Path, progress: bool) -> tuple[Pipeline, Manifest]:
+    """The pipeline bound to one manifest for every fold (synthetic data is generated once, in ``RUN/data``)."""
+    path = setup.resolve_manifest(p, run_dir, True, progress)
+    if p.data.manifest is None:
+        p = replace(p, data=replace(p.data, manifest=str(path.resolve()), synthetic=None))
+    return p, setup.with_folds(read_manifest(path), p)
+
+
+def parse_folds(text: str, available: Sequence[int]) -> list[int]:
+    """``"all"`` or a comma-separated list of fold numbers, checked against the manifest's folds."""
+    if text == "all":
+        return list(available)
+    try:
+        folds = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise MedsegError(f"--folds {text!r}: give 'all' or fold numbers such as 0,1,2") from None
+    missing = [f for f in folds if f not in available]
+    if missing:
+        raise MedsegError(f"--folds {text}: fold(s) {missing} are not in the manifest, whose folds are {list(available)}")
+    return folds
+
+
+def train_folds(p: Pipeline, run_dir: str | Path, folds: str = "all", resume: bool = False, progress: bool = True) -> dict:
+    """Train the folds (``"all"`` or ``"0,2"``) into ``run_dir/fold_K``; with all folds done, summarise (module doc)."""
+    from medseg.training.trainer import train
+
+    run_dir = Path(run_dir)
+    p, manifest = cv_manifest(p, run_dir, progress)
+    available = sorted({c.fold for c in manifest.cases if c.fold is not None})
+    results = {}
+    for k in parse_folds(folds, available):
+        print(f"fold {k} ({sum(c.fold == k for c in manifest.cases)} validation cases) -> {run_dir / f'fold_{k}'}", flush=True)
+        fold_dir = run_dir / f"fold_{k}"
+        results[k] = train(fold_pipeline(p, k), run_dir=fold_dir, resume=resume and (fold_dir / "checkpoints" / "last.pt").exists(),
+                           progress=progress)
+    done = [k for k in available if (run_dir / f"fold_{k}" / "checkpoints" / "last.pt").exists()]
+    summary = summarize_cv(run_dir, manifest, available, progress) if done == available else None
+    return {"run_dir": str(run_dir), "folds": results, "summary": summary}
+
+
+def out_of_fold_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int], progress: bool) -> Path:
+    """Predict the cases of each fold with that fold's model into ``run_dir/cv/predictions`` (no postprocessing)."""
+    from medseg.inference.predictor import predict
+
+    out = run_dir / "cv" / "predictions"
+    for k in folds:
+        cases = replace(manifest, cases=tuple(c for c in manifest.cases if c.fold == k))
+        subset = write_manifest(replace(cases, path=None), run_dir / "cv" / f"fold_{k}.csv")
+        predict(run_dir / f"fold_{k}", subset, out, progress=progress, **_no_postprocessing())
+    return out
+
+
+def _no_postprocessing() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(PostprocessSettings) if f.name != "threshold"}
+
+
+def _load_pairs(pred_dir: Path, manifest: Manifest) -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
+    """(id, prediction, reference, spacing) per labelled case, cropped to the union of both foregrounds."""
+    from medseg.evaluation.surface import bounding_box
+
+    pairs = []
+    for case in manifest.cases:
+        if case.label is None:
+            continue
+        ref = read_volume(case.label)
+        pred = np.asarray(read_volume(pred_dir / f"{case.id}.nii.gz").array)
+        box = bounding_box((pred != 0) | (np.asarray(ref.array) != 0), margin=1) or tuple(slice(0, 1) for _ in pred.shape)
+        pairs.append((case.id, pred[box], np.asarray(ref.array)[box], tuple(ref.spacing)))
+    return pairs
+
+
+def mean_dice(pairs, scheme: LabelScheme, post: PostprocessSettings) -> dict[str, float]:
+    """Mean Dice per region (or class) over ``pairs`` after ``post``."""
+    which, kind = ("regions", "region") if scheme.regions else ("classes", "class")
+    rows = []
+    for _, pred, ref, spacing in pairs:
+        table = compute_metrics(postprocess(pred, scheme, post), ref, spacing, scheme, MetricSettings(distances=False, targets=(which,)))
+        rows.append(dict(zip(table.loc[table["kind"] == kind, "target"], table.loc[table["kind"] == kind, "dice"])))
+    return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]}
+
+
+def choose_postprocessing(pairs, scheme: LabelScheme, base: PostprocessSettings = PostprocessSettings()) -> dict:
+    """The postprocessing that raises out-of-fold Dice (module doc), with the Dice before and after each choice."""
+    post = base
+    before = mean_dice(pairs, scheme, post)
+    current = dict(before)
+    trials = []
+    for name in (scheme.regions or [n for n in scheme.labels if scheme.labels[n] != 0]):
+        trial = replace(post, largest_component=(*post.largest_component, name))
+        dice = mean_dice(pairs, scheme, trial)
+        keep = dice[name] > current[name] and np.mean(list(dice.values())) >= np.mean(list(current.values()))
+        trials.append({"largest_component": name, "dice": dice, "kept": bool(keep)})
+        if keep:
+            post, current = trial, dice
+    if "ET" in scheme.labels and "NCR" in scheme.labels:
+        target = "ET" if "ET" in current else next(iter(current))
+        best_n, best = 0, current
+        for n in ET_GRID[1:]:
+            dice = mean_dice(pairs, scheme, replace(post, et_min_voxels=n))
+            trials.append({"et_min_voxels": n, "dice": dice})
+            if dice[target] > best[target]:
+                best_n, best = n, dice
+        if best_n:
+            post, current = replace(post, et_min_voxels=best_n), best
+    return {"postprocessing": {"largest_component": list(post.largest_component), "et_min_voxels": int(post.et_min_voxels)},
+            "dice_before": before, "dice_after": current, "cases": len(pairs), "trials": trials}
+
+
+def summarize_cv(run_dir: Path, manifest: Manifest, folds: Sequence[int], progress: bool = False) -> dict:
+    """Out-of-fold predictions -> chosen postprocessing (``RUN/postprocessing.json``) -> ``RUN/cv/report``."""
+    from medseg.evaluation import evaluate, write_report
+    from medseg.inference.predictor import load_model
+
+    scheme = load_model(run_dir / f"fold_{folds[0]}").scheme
+    raw = out_of_fold_predictions(run_dir, manifest, folds, progress)
+    pairs = _load_pairs(raw, manifest)
+    choice = choose_postprocessing(pairs, scheme)
+    write_text_atomic(run_dir / "postprocessing.json", json.dumps(choice, indent=2) + "\n")
+    post = PostprocessSettings.from_dict(choice["postprocessing"])
+    final = run_dir / "cv" / "postprocessed"
+    for case in manifest.cases:
+        vol = read_volume(raw / f"{case.id}.nii.gz")
+        write_volume(vol.with_array(postprocess(np.asarray(vol.array), scheme, post)), final / f"{case.id}.nii.gz", dtype=np.uint8)
+    result = evaluate(final, manifest, scheme, progress=progress)
+    write_report(result, run_dir / "cv" / "report")
+    summary = result.summary
+    print(f"cross-validation ({len(pairs)} cases, {len(folds)} folds), postprocessing {choice['postprocessing']}:")
+    print(summary[summary["metric"].isin(["dice", "hd95"]) & (summary["kind"] == ("region" if scheme.regions else "class"))]
+          [["target", "metric", "mean", "std", "count"]].to_string(index=False))
+    return choice

@@ -1,0 +1,219 @@
+"""Losses: every registered loss against MONAI built directly, hand-computed values, deep supervision, AMP."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, DiceLoss
+
+from medseg.errors import MedsegError
+from medseg.losses import LOSSES, TARGETS, DeepSupervisionLoss, create_loss, loss_names, register
+
+S = 1e-5  # smoothing in numerator and denominator
+
+
+def _valid_pairs() -> list[tuple[str, str]]:
+    pairs = []
+    for name in loss_names():
+        for target in TARGETS:
+            try:
+                create_loss(name, target)
+            except MedsegError:
+                continue
+            pairs.append((name, target))
+    return pairs
+
+
+PAIRS = _valid_pairs()
+
+
+def _monai_region_dice_bce():
+    dice, bce = DiceLoss(sigmoid=True, include_background=True, batch=False, smooth_nr=S, smooth_dr=S), torch.nn.BCEWithLogitsLoss()
+    return lambda x, y: dice(x, y) + bce(x, y)
+
+
+def _reference(name: str, target: str):
+    """The MONAI loss built directly for a (name, target) pair."""
+    softmax = dict(softmax=True, to_onehot_y=True, include_background=False, batch=False, smooth_nr=S, smooth_dr=S)
+    refs = {
+        ("dice", "labels"): lambda: DiceLoss(**softmax),
+        ("dice", "regions"): lambda: DiceLoss(sigmoid=True, include_background=True, batch=False, smooth_nr=S, smooth_dr=S),
+        ("dice_ce", "labels"): lambda: DiceCELoss(**softmax, lambda_dice=1.0, lambda_ce=1.0),
+        ("region_dice_bce", "regions"): _monai_region_dice_bce,
+    }
+    refs[("auto", "labels")], refs[("auto", "regions")] = refs[("dice_ce", "labels")], refs[("region_dice_bce", "regions")]
+    return refs[(name, target)]()
+
+
+def _batch(target: str, spatial_dims: int, classes: int = 4, seed: int = 0):
+    """Random logits (3, K, *spatial), a different size per axis, and unbalanced targets: per sample and
+    channel the foreground differs, one class/region occurs in one sample only, one sample lacks most."""
+    g = torch.Generator().manual_seed(seed)
+    spatial = (5, 6, 7)[:spatial_dims]
+    logits = torch.randn(3, classes, *spatial, generator=g) * 2
+    u = torch.rand(3, *spatial, generator=g)
+    labels = torch.zeros(3, *spatial, dtype=torch.long)
+    labels[0][u[0] < 0.5] = 1
+    labels[0][u[0] < 0.1] = 2
+    labels[1][u[1] < 0.05] = 1
+    labels[1][u[1] > 0.3] = 3  # class 3 only in sample 1
+    labels[2][u[2] < 0.02] = 2  # sample 2 almost all background
+    if target == "labels":
+        return logits, labels[:, None]
+    regions = torch.stack([labels > 0, labels == 2, labels == 3, labels == 1], 1)[:, :classes]
+    return logits, regions.float()
+
+
+# ----------------------------------------------------------------------------- registry and names
+def test_names_are_auto_and_the_registry():
+    assert loss_names() == ("auto", *LOSSES)
+    assert set(LOSSES) >= {"dice", "dice_ce", "region_dice_bce"}
+
+
+def test_every_registered_loss_has_a_reference():
+    expected = {("auto", "labels"), ("auto", "regions"), ("dice", "labels"), ("dice", "regions"),
+                ("dice_ce", "labels"), ("region_dice_bce", "regions")}
+    assert set(PAIRS) == expected, "a new loss needs a MONAI reference in _reference()"
+
+
+def test_register_refuses_duplicates():
+    with pytest.raises(ValueError, match="registered twice"):
+        register("dice")(lambda target: torch.nn.Identity())
+
+
+@pytest.mark.parametrize("name, target, fragment", [
+    ("dise", "labels", "loss.name: 'dise' is not valid (did you mean 'dice'?); choose one of auto, dice, dice_ce"),
+    ("dice", "region", "data.target: 'region' is not valid (did you mean 'regions'?)"),
+    ("dice_ce", "regions", "loss.name: dice_ce needs data.target: labels"),
+    ("region_dice_bce", "labels", "loss.name: region_dice_bce needs data.target: regions"),
+])
+def test_bad_names_say_key_and_fix(name, target, fragment):
+    with pytest.raises(MedsegError) as err:
+        create_loss(name, target)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_auto_picks_the_usual_loss():
+    logits, target = _batch("labels", 2)
+    assert torch.equal(create_loss("auto", "labels")(logits, target), create_loss("dice_ce", "labels")(logits, target))
+    logits, target = _batch("regions", 2)
+    assert torch.equal(create_loss("auto", "regions")(logits, target), create_loss("region_dice_bce", "regions")(logits, target))
+
+
+# ----------------------------------------------------------------------------- against MONAI
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("name, target", PAIRS)
+def test_matches_monai_reference(name, target, spatial_dims):
+    logits, y = _batch(target, spatial_dims)
+    ours = create_loss(name, target)(logits, y)
+    assert ours.dtype == torch.float32 and ours.shape == ()
+    assert float(ours) == pytest.approx(float(_reference(name, target)(logits, y)), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- hand-computed values
+def _dice_loss(p: float, t: int, n: int) -> float:
+    """1 - soft Dice of a constant probability ``p`` over ``n`` voxels, ``t`` of them in the target."""
+    return 1 - (2 * p * t + S) / (p * n + t + S)
+
+
+def test_dice_is_per_sample_and_channel_regions():
+    # logits 0 -> p = 1/2; 4 voxels; foreground counts per (sample, region): (4, 1) and (0, 2)
+    target = torch.zeros(2, 2, 2, 2)
+    target[0, 0] = 1
+    target[0, 1, 0, 0] = 1
+    target[1, 1, 0] = 1
+    loss = create_loss("dice", "regions")(torch.zeros(2, 2, 2, 2), target)
+    per_sample = (_dice_loss(0.5, 4, 4) + _dice_loss(0.5, 1, 4) + _dice_loss(0.5, 0, 4) + _dice_loss(0.5, 2, 4)) / 4
+    pooled_batch = (_dice_loss(0.5, 4, 8) + _dice_loss(0.5, 3, 8)) / 2
+    assert per_sample == pytest.approx(0.625, abs=1e-5) and abs(per_sample - pooled_batch) > 0.05
+    assert float(loss) == pytest.approx(per_sample, abs=1e-6)
+
+
+def test_dice_is_per_sample_and_channel_without_background_labels():
+    # logits 0 over 3 classes -> p = 1/3; 6 voxels; sample 0: class 1 x3, class 2 x0; sample 1: class 1 x1, class 2 x5
+    target = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 2, 2, 2, 2, 2]]).reshape(2, 1, 1, 6)
+    loss = create_loss("dice", "labels")(torch.zeros(2, 3, 1, 6), target)
+    third = 1 / 3
+    per_sample = (_dice_loss(third, 3, 6) + _dice_loss(third, 0, 6) + _dice_loss(third, 1, 6) + _dice_loss(third, 5, 6)) / 4
+    assert per_sample == pytest.approx((0.6 + 1 + 7 / 9 + 11 / 21) / 4, abs=1e-5)
+    assert float(loss) == pytest.approx(per_sample, abs=1e-6)
+
+
+def test_golden_dice_ce():
+    # class-1 logit log 3 then 0 -> p1 = 3/4, 1/2; target classes 1, 0
+    logits = torch.tensor([[[[0.0, 0.0]], [[math.log(3), 0.0]]]])
+    target = torch.tensor([[[[1, 0]]]])
+    dice = 1 - (2 * 0.75 + S) / (1.25 + 1 + S)  # background left out: class 1 only
+    ce = (math.log(4 / 3) + math.log(2)) / 2
+    assert float(create_loss("dice_ce", "labels")(logits, target)) == pytest.approx(dice + ce, abs=1e-6)
+
+
+def test_golden_region_dice_bce():
+    # region 0: p = 3/4, 1/2 against 1, 0; region 1: p = 1/2, 1/2 against 0, 1
+    logits = torch.tensor([[[[math.log(3), 0.0]], [[0.0, 0.0]]]])
+    target = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    dice = (1 - (1.5 + S) / (2.25 + S) + 1 - (1 + S) / (2 + S)) / 2
+    bce = (math.log(4 / 3) + 3 * math.log(2)) / 4
+    assert float(create_loss("region_dice_bce", "regions")(logits, target)) == pytest.approx(dice + bce, abs=1e-6)
+
+
+def test_perfect_prediction_gives_zero_dice():
+    target = torch.tensor([[[[0, 1], [2, 1]]]])
+    logits = F.one_hot(target[:, 0], 3).movedim(-1, 1).float() * 50
+    assert float(create_loss("dice", "labels")(logits, target)) == pytest.approx(0.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- deep supervision
+def test_deep_supervision_weights_and_nearest_resizing():
+    # target 1 on even rows only: nearest down-sampling (rows 0, 2, ...) keeps only ones
+    target = torch.zeros(1, 1, 8, 4, 12)
+    target[:, :, 0::2] = 1
+    outputs = [torch.zeros(1, 1, 8, 4, 12), torch.full((1, 1, 4, 2, 6), math.log(3)), torch.full((1, 1, 2, 1, 3), -math.log(3))]
+    losses = [_dice_loss(0.5, 192, 384), _dice_loss(0.75, 48, 48), _dice_loss(0.25, 6, 6)]  # 1/2, 1/7, 3/5
+    expected = 4 / 7 * losses[0] + 2 / 7 * losses[1] + 1 / 7 * losses[2]
+    assert expected == pytest.approx(4 / 7 * 0.5 + 2 / 49 + 3 / 35, abs=1e-5)
+    loss = DeepSupervisionLoss(create_loss("dice", "regions"))
+    assert float(loss(outputs, target)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_deep_supervision_resizes_class_indices():
+    logits, target = _batch("labels", 3)
+    half = torch.randn(3, 4, 2, 3, 3)
+    base = create_loss("dice_ce", "labels")
+    # nearest from (5, 6, 7) to (2, 3, 3) takes voxel floor(i * scale): rows 0, 2; columns 0, 2, 4; slices 0, 2, 4
+    small = target[:, :, [0, 2]][:, :, :, [0, 2, 4]][..., [0, 2, 4]]
+    expected = 2 / 3 * base(logits, target) + 1 / 3 * base(half, small)
+    assert float(DeepSupervisionLoss(base)([logits, half], target)) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_deep_supervision_refuses_a_lone_tensor():
+    with pytest.raises(TypeError, match="list of outputs"):
+        DeepSupervisionLoss(create_loss("dice", "regions"))(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4))
+
+
+# ----------------------------------------------------------------------------- gradients and AMP
+@pytest.mark.parametrize("deep_supervision", [False, True])
+@pytest.mark.parametrize("name, target", PAIRS)
+def test_gradient_reaches_every_logit(name, target, deep_supervision):
+    logits, y = _batch(target, 3)
+    logits.requires_grad_(True)
+    loss = create_loss(name, target)
+    if deep_supervision:
+        aux = torch.randn(3, 4, 2, 3, 3, requires_grad=True)
+        DeepSupervisionLoss(loss)([logits, aux], y).backward()
+        assert aux.grad is not None and torch.isfinite(aux.grad).all() and aux.grad.abs().sum() > 0
+    else:
+        loss(logits, y).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert (logits.grad.abs().flatten(2).sum(-1) > 0).all()  # every sample and channel gets a gradient
+
+
+@pytest.mark.parametrize("name, target", PAIRS)
+def test_bf16_logits_give_a_float32_loss(name, target):
+    logits, y = _batch(target, 3)
+    half = logits.bfloat16()
+    loss = create_loss(name, target)(half, y)
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(_reference(name, target)(half.float(), y)), abs=1e-6)

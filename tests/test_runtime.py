@@ -1,0 +1,51 @@
+"""One device and precision resolver for training, validation and inference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medseg import runtime
+from medseg.errors import MedsegError
+from medseg.inference import engine
+from medseg.training.config import parse_pipeline
+
+
+def test_one_vocabulary_everywhere():
+    assert runtime.PRECISIONS == ("auto", "off", "bf16", "fp16")
+    p = parse_pipeline({"data": {"synthetic": {"cases": 2}}, "training": {"amp": "bf16"}, "inference": {"amp": "off"}})
+    assert (p.training.amp, p.inference.amp) == ("bf16", "off")
+    for key in ("training.amp", "inference.amp"):
+        section, name = key.split(".")
+        with pytest.raises(MedsegError, match=f"{key}: 'on' is not valid"):
+            parse_pipeline({"data": {"synthetic": {"cases": 2}}, section: {name: "on"}})
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_on_cpu_follows_the_hardware(monkeypatch, has_bf16):
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if has_bf16 else None
+    assert runtime.resolve_precision("auto", cpu).dtype == expected
+    assert engine.autocast_dtype("auto", cpu) == expected  # inference resolves through the same function
+    assert runtime.resolve_precision("off", cpu).dtype is None and runtime.resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    assert not runtime.resolve_precision("bf16", cpu).scaler
+
+
+def test_fp16_needs_cuda_and_bad_devices_are_one_line_errors():
+    with pytest.raises(MedsegError, match="fp16 needs a CUDA device"):
+        runtime.resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(MedsegError, match="'gpu' is not valid"):
+        runtime.resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MedsegError, match="CUDA is not available"):
+            runtime.resolve_device("cuda")
+    assert runtime.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_precision_autocast_context_runs_in_its_dtype():
+    p = runtime.resolve_precision("bf16", torch.device("cpu"))
+    with p.autocast():
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16 and p.name == "bf16"
+    with runtime.resolve_precision("off", torch.device("cpu")).autocast():
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
