@@ -13,12 +13,13 @@ from medseg import __version__
 from medseg.errors import MedsegError
 
 # Sub-command modules, in the order ``medseg --help`` lists them.
-COMMANDS = ("demo", "manifest", "validate", "models", "train", "predict", "evaluate")
+COMMANDS = ("demo", "manifest", "validate", "plan", "models", "train", "predict", "evaluate")
 
 EPILOG = """examples:
   medseg demo --output medseg_demo                 synthetic data -> train -> predict -> Dice report
   medseg manifest --layout brats2018 DATA_DIR -o cases.csv
   medseg validate cases.csv
+  medseg plan cases.csv -o pipelines/planned.yaml --device cpu --time-budget 20
   medseg models
   medseg train pipelines/brats_unet3d.yaml --output runs/unet3d [--resume]
   medseg predict --model runs/unet3d --input P01_flair.nii.gz P01_t1.nii.gz P01_t1ce.nii.gz P01_t2.nii.gz --output preds

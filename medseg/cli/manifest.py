@@ -8,6 +8,7 @@ from medseg.data.manifest import assign_folds, write_manifest
 
 EPILOG = """examples:
   medseg manifest --layout brats2018 ../shared/data/brats18 -o data_manifests/brats18.csv
+  medseg manifest --layout brats2018 ../shared/data/brats18 ../shared/data/brats18_extra -o data_manifests/brats18_20.csv --folds 5
   medseg manifest --layout auto /data/Task01_BrainTumour -o msd.json --folds 5
   medseg manifest --layout nnunet /data/nnUNet_raw/Dataset001_BrainTumour -o d001.csv
 
@@ -18,13 +19,14 @@ layouts:
   msd        imagesTr/BRATS_xxx.nii.gz (4D) + labelsTr/ (labels 1 edema, 2 non-enhancing, 3 enhancing)
   nnunet     imagesTr/case_0000.nii.gz ... + labelsTr/ + dataset.json
   auto       detect one of the above
-Paths in the manifest are written relative to the manifest file."""
+Several folders of one dataset in one layout give one manifest: case ids must be unique across the folders
+and the folders must have the same channels. Paths in the manifest are written relative to the manifest file."""
 
 
 def register(sub) -> None:
-    p = sub.add_parser("manifest", help="build a manifest (CSV/JSON) from a dataset folder", epilog=EPILOG,
+    p = sub.add_parser("manifest", help="build a manifest (CSV/JSON) from one or more dataset folders", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", metavar="DIR", help="the dataset's root folder")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="the dataset's root folder (several: one manifest over all of them)")
     p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="dataset layout (default: auto)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="manifest to write (.csv or .json)")
     p.add_argument("--folds", type=int, default=0, metavar="K", help="assign K cross-validation folds (default: none)")
@@ -33,7 +35,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    manifest = build_manifest(args.layout, args.folder)
+    manifest = build_manifest(args.layout, *args.folders)
     if args.folds:
         manifest = assign_folds(manifest, args.folds, args.seed)
     path = write_manifest(manifest, args.output)

@@ -1,0 +1,53 @@
+"""``medseg plan``: plan a pipeline (spacing, patch, network, batch, schedule) from a manifest and a budget."""
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """examples:
+  medseg plan data_manifests/brats18_20.csv -o pipelines/brats_planned.yaml --device cpu --time-budget 20
+  medseg plan cases.csv -o pipelines/gpu.yaml --device cuda --time-budget 600      memory: the GPU's
+  medseg plan spleen.csv -o pipelines/spleen.yaml --modality ct --dims 3
+  medseg plan cases.csv -o pipelines/small.yaml --memory 4 --min-steps 500
+
+Writes the pipeline (every planned value commented with where it came from) and, beside it,
+NAME.fingerprint.json (per-case spacing, shape, classes; per-channel foreground intensities; modalities).
+The step time is measured on the device (a few seconds). Then: medseg train pipelines/NAME.yaml
+Rules and their sources: docs/planning.md."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="plan a pipeline from a manifest and a memory/time budget", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest", metavar="MANIFEST", help="manifest of the training cases (CSV or JSON)")
+    p.add_argument("-o", "--output", required=True, metavar="PIPELINE.yaml", help="pipeline file to write")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where training will run (default: cpu)")
+    p.add_argument("--memory", type=float, default=None, metavar="GiB",
+                   help="memory for training (default: 8 on cpu, the GPU's memory on cuda)")
+    p.add_argument("--time-budget", type=float, default=20.0, metavar="MIN", help="minutes of training (default: 20)")
+    p.add_argument("--dims", default="auto", choices=["auto", "2", "3"], help="2D or 3D model (default: auto)")
+    p.add_argument("--modality", default=None, metavar="ct|mri[,...]",
+                   help="modality of every channel, or one per channel (default: guessed from names and intensities)")
+    p.add_argument("--min-steps", type=int, default=1000, metavar="N",
+                   help="coarsen the spacing when fewer training steps fit the budget (default: 1000; 0: never)")
+    p.add_argument("--name", default=None, help="pipeline name (default: the output file's stem)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from medseg.planning import plan
+    from medseg.runtime import tune_allocator
+
+    tune_allocator()  # as training does, so the measured step time is training's
+    command = f"medseg plan {args.manifest} -o {args.output} --device {args.device} --time-budget {args.time_budget:g}"
+    for flag, value in (("--memory", args.memory), ("--dims", None if args.dims == "auto" else args.dims),
+                        ("--modality", args.modality), ("--min-steps", None if args.min_steps == 1000 else args.min_steps)):
+        command += f" {flag} {value:g}" if isinstance(value, float) else f" {flag} {value}" if value is not None else ""
+    p = plan(args.manifest, args.output, device=args.device, memory_gib=args.memory, time_budget_min=args.time_budget,
+             dims=args.dims, modality=args.modality, min_steps=args.min_steps, name=args.name,
+             progress=False if args.no_progress else None, command=command)
+    d, s, net = p.design, p.schedule, p.design.network
+    print(f"{args.output}: {net.spatial_dims}D {net.model_name} {list(net.channels)}, spacing {list(d.spacing)} mm, "
+          f"patch {list(net.patch)} x batch {d.batch}, {s.epochs} epochs x {s.iterations} iterations "
+          f"({p.timing.step_seconds:.2f} s per step), normalize {p.normalization['normalize']}")
+    return 0
