@@ -4,11 +4,13 @@ The data path is the trainer's: cache -> sampler -> crop with margin (a view) ->
 a DataLoader built as the trainer builds it, with augmentation off and with the pipeline's augmentation (nnU-Net's
 defaults in the shipped pipelines). The consumer is the pipeline's model at the same patch size and batch:
 seconds per training step (forward, backward, AdamW) on a fixed batch — what the trainer needs — and the same
-steps fed by the loader — what it gets when workers and training share the CPU. Rates are measured after the
-first batch (worker start-up excluded).
+steps fed by the loader — what it gets when workers and training share the CPU (repeated, interleaved, medians).
+The CPU time of one patch on one thread is the cost of the data path itself, insensitive to other jobs on the
+machine. Rates are measured after the first batch (worker start-up excluded).
 
     python bench/sampling.py                                   # the demo pipeline's model and patch, 8 synthetic cases
     python bench/sampling.py --patch 96 96 96 --workers 0 1 2
+    python bench/sampling.py --patch 128 128 128 --cpu-only     # the cost per patch only
     python bench/sampling.py --pipeline pipelines/brats_unet3d_2mm.yaml --manifest data_manifests/brats18.csv
 """
 from __future__ import annotations
@@ -78,7 +80,7 @@ class Trainer:
 
 def fixed_batch_seconds(trainer: Trainer, ds, batch: int, steps: int) -> float:
     x, y = next(iter(_loader(ds, batch, 0)))
-    for _ in range(2):  # oneDNN sets up its primitives in the first steps
+    for _ in range(5):  # oneDNN sets up its primitives (and bf16 weight caches) in the first steps
         trainer.step(x, y)
     times = []
     for _ in range(steps):
@@ -106,8 +108,10 @@ def main() -> None:
     ap.add_argument("--patch", type=int, nargs="+", default=None, help="default: the pipeline's")
     ap.add_argument("--batch", type=int, default=None, help="default: the pipeline's")
     ap.add_argument("--batches", type=int, default=40, help="batches per loader measurement")
-    ap.add_argument("--steps", type=int, default=10, help="training steps per step measurement")
+    ap.add_argument("--steps", type=int, default=20, help="training steps per step measurement")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the step measurements")
+    ap.add_argument("--cpu-only", action="store_true", help="only the CPU time per patch (no loader, no training)")
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()
     manifest = args.manifest or generate_dataset(Path(tmp.name), 8, SyntheticSpec(shape=(160, 160, 128)), seed=0)
@@ -125,23 +129,32 @@ def main() -> None:
     trainer = Trainer(p, channels, setup.out_channels(scheme, p.data.target))
     print(f"load average {os.getloadavg()[0]:.1f}; {len(cases)} cases; model {p.model.name} {p.model.kwargs}; patch {patch}, "
           f"batch {batch}; {trainer.precision.name}, {torch.get_num_threads()} threads")
-    step = fixed_batch_seconds(trainer, setup.PatchDataset(cases, p, scheme, batch), batch, args.steps)
-    needed = batch / step
-    print(f"training step on a fixed batch: {step:.3f} s -> the trainer consumes {needed:.1f} patches/s")
     settings = (("off", off), ("pipeline (nnU-Net defaults)", p))
-    for name, q in settings:
-        cpu = cpu_seconds_per_patch(setup.PatchDataset(cases, q, scheme, args.batches * batch))
-        print(f"augmentation {name}: {1000 * cpu:.1f} ms CPU per patch on one thread -> one core makes "
-              f"{1 / cpu:.0f} patches/s, {1 / cpu / needed:.1f}x what the trainer consumes")
+    cpu = {name: cpu_seconds_per_patch(setup.PatchDataset(cases, q, scheme, args.batches * batch)) for name, q in settings}
+    if args.cpu_only:
+        for name, seconds in cpu.items():
+            print(f"augmentation {name}: {1000 * seconds:.1f} ms CPU per patch on one thread ({1 / seconds:.0f} patches/s per core)")
+        return
+    rates = {(name, w): loader_rate(setup.PatchDataset(cases, q, scheme, (args.batches + 1) * batch), batch, w)
+             for name, q in settings for w in args.workers}
+    fixed, fed = [], {key: [] for key in rates}
+    for _ in range(args.repeats):  # interleaved, so that the machine's load falls on every setting alike
+        fixed.append(fixed_batch_seconds(trainer, setup.PatchDataset(cases, p, scheme, batch), batch, args.steps))
+        for name, q in settings:
+            for w in args.workers:
+                fed[name, w].append(fed_seconds(trainer, setup.PatchDataset(cases, q, scheme, (args.steps + 1) * batch), batch, w))
+    step = statistics.median(fixed)
+    needed = batch / step
+    print(f"training step on a fixed batch: {step:.3f} s -> the trainer consumes {needed:.1f} patches/s "
+          f"(medians of {args.repeats} interleaved runs; load average now {os.getloadavg()[0]:.1f})")
+    for name, seconds in cpu.items():
+        print(f"augmentation {name}: {1000 * seconds:.1f} ms CPU per patch on one thread -> one core makes "
+              f"{1 / seconds:.0f} patches/s, {1 / seconds / needed:.1f}x what the trainer consumes")
     print("\n| augmentation | workers | loader patches/s | loader / consumed | s/step fed by the loader | vs fixed batch |")
     print("|---|---|---|---|---|---|")
-    for name, q in settings:
-        for workers in args.workers:
-            rate = loader_rate(setup.PatchDataset(cases, q, scheme, (args.batches + 1) * batch), batch, workers)
-            fed = fed_seconds(trainer, setup.PatchDataset(cases, q, scheme, (args.steps + 1) * batch), batch, workers)
-            print(f"| {name} | {workers} | {rate:.1f} | {rate / needed:.1f}x | {fed:.3f} | {fed / step:.2f}x |", flush=True)
-    again = fixed_batch_seconds(trainer, setup.PatchDataset(cases, p, scheme, batch), batch, args.steps)
-    print(f"\ntraining step on a fixed batch, measured again: {again:.3f} s (the machine's noise; load average {os.getloadavg()[0]:.1f})")
+    for (name, w), rate in rates.items():
+        seconds = statistics.median(fed[name, w])
+        print(f"| {name} | {w} | {rate:.1f} | {rate / needed:.1f}x | {seconds:.3f} | {seconds / step:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -233,7 +233,8 @@ def test_tiny_unet_overfits_one_case(tmp_path):
         "sampling": {"patch_size": [24, 20, 16], "batch_size": 2},  # about the whole cropped case
         "augmentation": {"enabled": False},
         "optimizer": {"lr": 0.01},
-        "training": {"epochs": 8, "iterations_per_epoch": 10, "val_interval": 8, "amp": "off", "threads": 2},
+        # one thread: two threads on a busy two-core machine took 24-37 s instead of 5 s
+        "training": {"epochs": 8, "iterations_per_epoch": 10, "val_interval": 8, "amp": "off", "threads": 1},
         "inference": {"roi_size": [24, 20, 16], "overlap": 0.0},
     }
     (tmp_path / "overfit.yaml").write_text(yaml.safe_dump(data))
