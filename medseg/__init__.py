@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "train": ("medseg.training.trainer", "train"),
+    "train_folds": ("medseg.training.crossval", "train_folds"),
     "load_pipeline": ("medseg.training.config", "load_pipeline"),
     "predict": ("medseg.inference", "predict"),
     "evaluate": ("medseg.evaluation", "evaluate"),

@@ -33,7 +33,7 @@ def _pipeline(tmp_path) -> str:
 
 
 def _medseg(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medseg", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "medseg", *args], capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
