@@ -480,3 +480,16 @@ def test_memory_estimate_against_a_measured_step():
     grown = json.loads(out.stdout.strip().splitlines()[-1])["grown"]
     est = training_bytes(build_network((64, 64, 64), (1.0,) * 3, 16, 256), 2, 4, 3, False)
     assert grown <= est <= 2.0 * grown
+
+
+def test_a_step_measured_under_load_says_so(monkeypatch):
+    import os
+
+    import torch
+
+    from medseg.planning import measure
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.3, 2.0, 1.5))
+    assert measure._other_load(torch.device("cpu")) == 2.3
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.2, 0.3))
+    assert measure._other_load(torch.device("cpu")) is None

@@ -52,11 +52,28 @@ def step_timer(in_channels: int, out_channels: int, target: str, device, precisi
         step_scale = conv_flops(net, batch, in_channels, out_channels) / conv_flops(small, batch, in_channels, out_channels)
         window_scale = conv_flops(net, 1, in_channels, out_channels) / conv_flops(small, 1, in_channels, out_channels)
         note = f"measured {step:.2f} s per step of {batch} x {list(patch)} on {device.type} ({precision.name})"
+        busy = _other_load(device)
+        if busy:
+            note += f"; WARNING: load average {busy:.1f} from other jobs slows the step, plan again on a quiet machine"
         if patch != net.patch:
             note += f", scaled by FLOPs to {list(net.patch)}"
         return StepTime(step * step_scale, window * window_scale, note)
 
     return timer
+
+
+def _other_load(device) -> float | None:
+    """The 1-minute load average when other work competes for this CPU (more than 0.5 runnable jobs), else None.
+
+    On a shared 2-core machine a busy neighbour made the measured step 3-5x slower (PyTorch's threads spin-wait),
+    and a plan from such a measurement fills the budget with a few hundred steps instead of over a thousand.
+    """
+    import os
+
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    return load if load > 0.5 else None
 
 
 def _sync(device) -> None:
