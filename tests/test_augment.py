@@ -25,16 +25,19 @@ TRANSFORMS = {
     "rotation": {"rotation_p": 1.0},
     "scale": {"scale_p": 1.0, "scale": (0.7, 0.8)},
     "mirror": {"mirror_p": 1.0},
+    "rot90": {"rot90_p": 1.0},
     "elastic": {"elastic": True, "elastic_p": 1.0, "elastic_magnitude": (1.0, 2.5)},
     "noise": {"noise_p": 1.0, "noise_variance": (0.05, 0.1)},
     "blur": {"blur_p": 1.0, "blur_channel_p": 1.0},
     "brightness": {"brightness_p": 1.0},
     "contrast": {"contrast_p": 1.0},
+    "saturation": {"saturation_p": 1.0, "saturation": (0.3, 0.5)},
+    "hue": {"hue_p": 1.0, "hue": (0.05, 0.1)},
     "lowres": {"lowres_p": 1.0, "lowres_channel_p": 1.0, "lowres_zoom": (0.5, 0.6)},
     "gamma": {"gamma_p": 1.0},
     "gamma_inverted": {"gamma_inverted_p": 1.0},
 }
-SPATIAL = ("rotation", "scale", "mirror", "elastic")
+SPATIAL = ("rotation", "scale", "mirror", "elastic", "rot90")
 
 
 def _only(*names: str, **extra) -> Augmentation:
@@ -94,7 +97,7 @@ def test_each_transform_changes_the_patch(name, dims):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("names", [("rotation",), ("scale",), ("mirror",), ("elastic",), SPATIAL], ids="+".join)
+@pytest.mark.parametrize("names", [("rotation",), ("scale",), ("mirror",), ("elastic",), ("rot90",), SPATIAL], ids="+".join)
 def test_image_and_label_stay_aligned(names, dims):
     """Image channels = indicators of the label values: wherever the resampled indicator is exactly 0 or 1 (all
     interpolation neighbours agree), the nearest-neighbour label must say the same."""
@@ -186,6 +189,7 @@ def test_nnunet_probabilities_and_ranges():
     two_d = [draw(Augmentation(rotation_p=1.0), 2, 1, rng).rotation for _ in range(200)]
     assert all(len(r) == 1 for r in two_d) and np.abs(two_d).max() > np.deg2rad(150)
     assert draw(Augmentation(mirror_axes=(1,), mirror_p=1.0), 3, 1, rng).mirror == (1,)
+    assert all(q.rot90 == 0 and q.saturation is None and q.hue is None for q in drawn)  # off by default
 
 
 def test_intensity_properties():
@@ -231,6 +235,8 @@ def test_patch_dataset_applies_the_pipeline_augmentation(dims):
     ({"augmentation": {"gamma_p": 1.5}}, "augmentation.gamma_p: 1.5 is a probability"),
     ({"augmentation": {"scale": [1.4, 0.7]}}, "augmentation.scale: [1.4, 0.7] must be a range [low, high]"),
     ({"augmentation": {"rotaton_p": 0.1}}, "augmentation.rotaton_p: unknown key (did you mean 'rotation_p'?)"),
+    ({"augmentation": {"hue": [-0.6, 0.1]}}, "augmentation.hue: [-0.6, 0.1] must be within [-0.5, 0.5]"),
+    ({"augmentation": {"saturation": [-0.1, 1.2]}}, "augmentation.saturation: [-0.1, 1.2] must not be negative"),
     ({"augmentation": {"mirror_axes": [0, 2]}, "model": {"spatial_dims": 2}, "sampling": {"patch_size": [8, 8]}},
      "augmentation.mirror_axes: [0, 2] must be distinct spatial axes among [0, 1] for a 2D model"),
 ])
@@ -239,6 +245,137 @@ def test_pipeline_augmentation_section(data, fragment):
     with pytest.raises(MedsegError) as err:
         parse_pipeline({**base, **data})
     assert fragment in str(err.value) and "\n" not in str(err.value)
-    p = parse_pipeline({**base, "augmentation": {"mirror_axes": [0, 1], "scale": [0.8, 1.2], "elastic": True}})
+    p = parse_pipeline({**base, "augmentation": {"mirror_axes": [0, 1], "scale": [0.8, 1.2], "elastic": True,
+                                                 "rot90_p": 0.5, "saturation_p": 0.2, "hue": [-0.1, 0.1]}})
     assert p.augmentation.mirror_axes == (0, 1) and p.augmentation.scale == (0.8, 1.2) and p.augmentation.elastic
+    assert p.augmentation.rot90_p == 0.5 and p.augmentation.saturation_p == 0.2 and p.augmentation.hue == (-0.1, 0.1)
     assert parse_pipeline(p.to_dict()).augmentation == p.augmentation  # the stored copy of a run reads back
+
+
+# ---------------------------------------------------------------------------------------------- photographs
+def _photo(shape=(3, 40, 40), seed: int = 0, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    """A smooth RGB image in [lo, hi] (values of a photograph normalized with normalize: rgb)."""
+    noise = np.random.default_rng(seed).random(shape)
+    smooth = np.stack([ndimage.gaussian_filter(c, 2.0) for c in noise])
+    smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    return (lo + (hi - lo) * smooth).astype(np.float32)
+
+
+def _luma(x: np.ndarray) -> np.ndarray:
+    return 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+
+
+def test_default_draws_are_unchanged_by_the_photograph_transforms():
+    """Off by default, they draw nothing: the generator ends where it did before they existed (numbers pinned from
+    the code without them). On, they are drawn last: every other choice stays the same."""
+    for (dims, channels), expected in {(3, 4): 0.28402432611115014, (2, 3): 0.7895705098936474}.items():
+        rng = np.random.default_rng(2024)
+        drawn = [draw(Augmentation(), dims, channels, rng, (16,) * dims) for _ in range(50)]
+        assert rng.random() == expected
+        photo = Augmentation(rot90_p=0.5, saturation_p=0.5, hue_p=0.5)
+        sample = lambda a, i: draw(a, dims, channels, np.random.default_rng([2024, i]), (16,) * dims)  # noqa: E731
+        both = [sample(photo, i) for i in range(50)]  # a generator per sample, as PatchDataset does
+        assert [dataclasses.replace(q, rot90=0, saturation=None, hue=None) for q in both] == [sample(Augmentation(), i) for i in range(50)]
+        assert any(q.rot90 for q in both) and any(q.saturation for q in both) == (channels == 3)
+    first = draw(Augmentation(), 3, 2, np.random.default_rng(3), (16, 16, 16))
+    assert first.scale == pytest.approx(0.8437153894422502) and first.mirror == (0,)
+    assert first.rotation == pytest.approx((-0.2756113929932375, 0.31549388220220337, 0.0860398829679325))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_rot90_turns_image_and_label_together(dims):
+    """A label drawn from the image (image > threshold) still equals the turned image > threshold; square patches
+    get all three quarter turns, others only the half turn; never the identity."""
+    image = _photo((3, 40, 40, 12)[: dims + 1])
+    label = (image[0] > 0.5).astype(np.uint8)
+    centre = (20, 20, 6)[:dims]
+    for patch, turns in (((24, 24, 8)[:dims], {1, 2, 3}), ((24, 20, 8)[:dims], {2})):
+        ref, ref_lab = crop_patch(image, label, centre, patch)
+        seen = set()
+        for seed in range(20):
+            img, lab = augment_patch(image, label, centre, patch, _only("rot90"), np.random.default_rng(seed))
+            assert img.shape == ref.shape and lab.shape == ref_lab.shape and img.flags.c_contiguous
+            assert np.array_equal(lab, (img[0] > 0.5).astype(np.uint8))
+            k = [k for k in range(4) if np.array_equal(img, np.rot90(ref, k, (1, 2)))]
+            assert len(k) == 1 and k[0] != 0
+            assert np.array_equal(lab, np.rot90(ref_lab, k[0], (0, 1)))
+            seen.add(k[0])
+        assert seen == turns
+
+
+def test_rot90_after_mirroring_and_its_checks():
+    x = _photo((2, 6, 6, 3))
+    out, _ = apply(x, None, Params(mirror=(0,), rot90=1), (6, 6, 3))
+    assert np.array_equal(out, np.rot90(np.flip(x, 1), 1, (1, 2)))
+    with pytest.raises(ValueError, match="square"):
+        apply(x[:, :, :4], None, Params(rot90=3), (6, 4, 3))
+    assert draw(_only("rot90"), 2, 1, np.random.default_rng(0)).rot90 == 2  # no patch size: the half turn only
+
+
+def test_saturation_blends_with_grey():
+    x = _photo()
+    grey, _ = apply(x, None, Params(saturation=0.0), x.shape[1:])
+    assert np.allclose(grey[0], grey[1], atol=1e-6) and np.allclose(grey[1], grey[2], atol=1e-6)
+    np.testing.assert_allclose(grey[0], _luma(x), atol=1e-6)
+    same, _ = apply(x, None, Params(saturation=1.0), x.shape[1:])
+    np.testing.assert_allclose(same, x, atol=1e-6)
+    mid = _photo(lo=0.4, hi=0.6)  # no clipping
+    more, _ = apply(mid, None, Params(saturation=1.5), mid.shape[1:])
+    np.testing.assert_allclose(_luma(more), _luma(mid), atol=1e-5)
+    assert np.abs(more - _luma(more)).mean() > 1.4 * np.abs(mid - _luma(mid)).mean()
+    out, _ = apply(x, None, Params(saturation=3.0), x.shape[1:])
+    assert out.min() >= 0.0 and out.max() <= 1.0  # clipped to [0, 1]
+
+
+def test_hue_rotates_colours_and_keeps_luma():
+    x = _photo()
+    same, _ = apply(x, None, Params(hue=0.0), x.shape[1:])
+    np.testing.assert_allclose(same, x, atol=1e-5)
+    mid = _photo(lo=0.35, hi=0.65)  # colours with no clipping
+    for turn in (0.05, -0.2, 0.5):
+        out, _ = apply(mid, None, Params(hue=turn), mid.shape[1:])
+        assert np.abs(out - mid).max() > 0.02  # the colours change
+        np.testing.assert_allclose(_luma(out), _luma(mid), atol=1e-5)  # a rotation in YIQ keeps Y
+        back, _ = apply(out, None, Params(hue=-turn), mid.shape[1:])
+        np.testing.assert_allclose(back, mid, atol=1e-5)
+    greys = np.repeat(np.linspace(0, 1, 25, dtype=np.float32).reshape(1, 5, 5), 3, axis=0)
+    out, _ = apply(greys, None, Params(hue=0.3), (5, 5))
+    np.testing.assert_allclose(out, greys, atol=1e-5)  # greys stay grey
+    out, _ = apply(x, None, Params(hue=0.25), x.shape[1:])
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_colour_jitter_needs_three_channels():
+    aug = _only("saturation", "hue")
+    for channels in (1, 2, 4):
+        q = draw(aug, 2, channels, np.random.default_rng(0))
+        assert q.saturation is None and q.hue is None  # skipped
+        with pytest.raises(MedsegError, match=f"saturation and hue need RGB images .* {channels} channel"):
+            aug.check(2, channels)
+    q = draw(aug, 2, 3, np.random.default_rng(0))
+    assert 0.3 <= q.saturation <= 0.5 and 0.05 <= q.hue <= 0.1
+    aug.check(2, 3)
+    OFF.check(2, 1)
+    dataclasses.replace(aug, enabled=False).check(2, 1)
+    image = np.random.default_rng(0).normal(size=(1, 30, 26)).astype(np.float32)
+    img, _ = augment_patch(image, None, (15, 13), (20, 16), aug, np.random.default_rng(0))
+    assert np.array_equal(img, crop_patch(image, None, (15, 13), (20, 16))[0])
+
+
+def test_photo_pipeline_on_2d_rgb_patches():
+    """The transforms of a photograph pipeline together on (3, W, H) patches in [0, 1]: shapes, label values,
+    the colour transforms within [0, 1], reproducible."""
+    image = _photo((3, 60, 50))
+    label = (image[1] > 0.6).astype(np.uint8) * 2
+    aug = dataclasses.replace(OFF, rotation_p=0.5, scale_p=0.5, elastic=True, elastic_p=0.5, mirror_p=0.5, rot90_p=0.5,
+                              blur_p=0.3, blur_channel_p=1.0, brightness_p=0.5, contrast_p=0.5, saturation_p=0.5, hue_p=0.5)
+    for seed in range(8):
+        img, lab = augment_patch(image, label, (30, 25), (32, 32), aug, np.random.default_rng(seed))
+        assert img.shape == (3, 32, 32) and img.dtype == np.float32 and lab.shape == (32, 32)
+        assert set(np.unique(lab)) <= {0, 2}
+        again, _ = augment_patch(image, label, (30, 25), (32, 32), aug, np.random.default_rng(seed))
+        assert np.array_equal(img, again)
+    colour = dataclasses.replace(OFF, saturation_p=1.0, saturation=(0.0, 2.0), hue_p=1.0, hue=(-0.5, 0.5))
+    for seed in range(8):
+        img, _ = augment_patch(image, None, (30, 25), (32, 32), colour, np.random.default_rng(seed))
+        assert img.min() >= 0.0 and img.max() <= 1.0

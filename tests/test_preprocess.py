@@ -127,3 +127,40 @@ def test_settings_round_trip_and_validation():
         Preprocessing(orientation="XYZ")
     with pytest.raises(MedsegError, match="unknown keys"):
         Preprocessing.from_dict({"spacingg": [1, 1, 1]})
+
+
+def _photo_channels(dtype, top: int, seed: int = 0) -> list[Volume]:
+    """Three channels (R, G, B) of a 2D image held as (W, H, 1), each reaching ``top``."""
+    rng = np.random.default_rng(seed)
+    channels = []
+    for _ in range(3):
+        a = rng.integers(0, top + 1, size=(9, 7, 1))
+        a.flat[0] = top
+        channels.append(Volume(a.astype(dtype), np.eye(4)))
+    return channels
+
+
+@pytest.mark.parametrize("dtype, top, divisor", [
+    (np.uint8, 255, 255), (np.uint8, 40, 255),  # an 8-bit image: by 255 whatever its brightest pixel
+    (np.uint16, 65535, 65535), (np.uint16, 200, 65535),  # the array type decides: a dark 16-bit image still by 65535
+    (np.float32, 255, 255), (np.float32, 3000, 65535), (np.int32, 65535, 65535),  # other types: by value
+    (np.float64, 100000, 100000),  # beyond 16 bits: the channel's own maximum
+])
+def test_normalize_rgb_divides_by_the_integer_range(dtype, top, divisor):
+    images = _photo_channels(dtype, top)
+    pre = Preprocessing(normalize="rgb", crop_foreground=False)
+    prepared = pre.apply(images)
+    assert prepared.image.dtype == np.float32 and prepared.image.shape == (3, 9, 7, 1)
+    expected = np.stack([v.array.astype(np.float32) for v in images]) / np.float32(divisor)
+    np.testing.assert_array_equal(prepared.image, expected)  # exactly x / divisor: no per-image statistics
+    assert prepared.image.min() >= 0 and prepared.image.max() <= 1
+
+
+def test_normalize_rgb_is_a_pipeline_choice():
+    from medseg.training.config import parse_pipeline
+
+    assert "rgb" in Preprocessing.NORMALIZERS
+    p = parse_pipeline({"data": {"synthetic": {"cases": 2}}, "preprocessing": {"normalize": "rgb"}})
+    assert p.preprocessing.normalize == "rgb" and Preprocessing.from_dict(p.preprocessing.to_dict()) == p.preprocessing
+    uint8 = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).astype(np.float32)  # the float stack alone: by value
+    np.testing.assert_array_equal(Preprocessing(normalize="rgb")._normalize(uint8), uint8 / np.float32(255))

@@ -2,8 +2,15 @@
 
 Spatial: rotation, scaling (one factor for all axes), optional elastic deformation — one affine (+ displacement
 field) resampled once with ``torch.nn.functional.grid_sample`` (linear for the image, nearest for the label, 0
-outside the volume) — then mirroring (exact flips). Intensity, in nnU-Net's order: Gaussian noise, Gaussian blur,
-multiplicative brightness, contrast, simulated low resolution, gamma of the inverted image, gamma.
+outside the volume) — then mirroring (exact flips), then quarter turns in the plane of the first two spatial axes (exact, off by default).
+Intensity, in nnU-Net's order: Gaussian noise, Gaussian blur, multiplicative brightness, contrast, [saturation, hue],
+simulated low resolution, gamma of the inverted image, gamma.
+
+Photographs (RGB images in [0, 1], ``preprocessing.normalize: rgb``): brightness and contrast are the brightness and
+contrast of a colour jitter; ``saturation_p`` / ``hue_p`` (off by default) add its saturation and hue — linear maps of
+each pixel's (R, G, B) that keep its grey value (luma, 0.299 R + 0.587 G + 0.114 B), applied only to patches with
+exactly 3 channels (skipped for any other count; :meth:`Augmentation.check` with ``channels`` refuses them there);
+``rot90_p`` turns the patch by multiples of 90 degrees (for microscopy, where orientation is arbitrary).
 
 Randomness is apart from computation: :func:`draw` takes every random choice from an injected
 ``numpy.random.Generator`` into a small :class:`Params`; :func:`apply` is a deterministic function of the patch and
@@ -12,7 +19,9 @@ of the patch plus :func:`margin_for` voxels on each side, so that rotation and s
 than padding; only the patch-sized output is computed. With no spatial transform drawn nothing is resampled.
 
 The defaults of :class:`Augmentation` are nnU-Net v2's (``nnUNetTrainer.get_training_transforms``): the
-probabilities are per sample; ``blur_channel_p`` / ``lowres_channel_p`` are per channel within a sample.
+probabilities are per sample; ``blur_channel_p`` / ``lowres_channel_p`` are per channel within a sample. The
+transforms added for photographs (``rot90_p``, ``saturation_p``, ``hue_p``) default to 0 and, when 0, draw nothing:
+a pipeline that leaves them off draws exactly the parameters it drew before they existed.
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -57,6 +66,7 @@ class Augmentation:
     scale: Range = (0.7, 1.4)
     mirror_p: float = 0.5  # per axis
     mirror_axes: Optional[tuple[int, ...]] = None  # spatial axes; None: all of them
+    rot90_p: float = 0.0  # off in nnU-Net; 90, 180 or 270 degrees in the plane of spatial axes 0, 1 (180 only if not square)
     elastic: bool = False  # off in nnU-Net v2
     elastic_p: float = 0.2
     elastic_magnitude: Range = (0.0, 2.5)  # displacement, voxels (standard deviation)
@@ -70,6 +80,10 @@ class Augmentation:
     brightness: Range = (0.75, 1.25)  # multiplier per channel
     contrast_p: float = 0.15
     contrast: Range = (0.75, 1.25)  # per channel, clipped to the channel's range
+    saturation_p: float = 0.0  # off in nnU-Net; RGB patches only (3 channels, normalize: rgb)
+    saturation: Range = (0.7, 1.3)  # factor: 0 grey, 1 unchanged, > 1 more saturated
+    hue_p: float = 0.0  # off in nnU-Net; RGB patches only (3 channels, normalize: rgb)
+    hue: Range = (-0.05, 0.05)  # fraction of a full turn of the colour wheel (rotation about the grey axis, YIQ)
     lowres_p: float = 0.25
     lowres_channel_p: float = 0.5
     lowres_zoom: Range = (0.5, 1.0)
@@ -90,17 +104,25 @@ class Augmentation:
         for name, (lo, _) in positive.items():
             if lo <= 0:
                 raise MedsegError(f"augmentation.{name}: {list(getattr(self, name))} must be positive")
-        for name in ("noise_variance", "blur_sigma", "elastic_magnitude", "brightness", "contrast"):
+        for name in ("noise_variance", "blur_sigma", "elastic_magnitude", "brightness", "contrast", "saturation"):
             if getattr(self, name)[0] < 0:
                 raise MedsegError(f"augmentation.{name}: {list(getattr(self, name))} must not be negative")
         if self.lowres_zoom[1] > 1:
             raise MedsegError(f"augmentation.lowres_zoom: {list(self.lowres_zoom)} must be within (0, 1] (1: full resolution)")
+        if self.hue[0] < -0.5 or self.hue[1] > 0.5:
+            raise MedsegError(f"augmentation.hue: {list(self.hue)} must be within [-0.5, 0.5] (a fraction of a full turn)")
 
-    def check(self, spatial_dims: int) -> None:
-        """``mirror_axes`` must name spatial axes of a ``spatial_dims``-D patch."""
+    def check(self, spatial_dims: int, channels: Optional[int] = None) -> None:
+        """``mirror_axes`` must name spatial axes of a ``spatial_dims``-D patch; with ``channels`` (the images'
+        channel count, when known), saturation and hue need exactly 3 (RGB). :func:`draw` checks only the axes: it
+        skips saturation and hue for patches that are not 3-channel."""
         axes = self.mirror_axes or ()
         if any(a not in range(spatial_dims) for a in axes) or len(set(axes)) != len(axes):
             raise MedsegError(f"augmentation.mirror_axes: {list(axes)} must be distinct spatial axes among {list(range(spatial_dims))} for a {spatial_dims}D model")
+        colour = [name for name in ("saturation_p", "hue_p") if getattr(self, name) > 0]
+        if channels is not None and channels != 3 and self.enabled and colour:
+            raise MedsegError(f"augmentation.{colour[0]}: saturation and hue need RGB images (3 channels, normalize: rgb) "
+                              f"but the images have {channels} channel(s); set {' and '.join(colour)} to 0")
 
 
 @dataclass(frozen=True)
@@ -121,6 +143,9 @@ class Params:
     gamma_inverted: Optional[tuple[float, ...]] = None
     gamma: Optional[tuple[float, ...]] = None
     mirror: tuple[int, ...] = ()  # spatial axes to flip
+    rot90: int = 0  # quarter turns (np.rot90's k) from spatial axis 0 towards 1, after mirroring
+    saturation: Optional[float] = None  # factor, RGB only
+    hue: Optional[float] = None  # fraction of a turn, RGB only
 
     @property
     def spatial(self) -> bool:
@@ -142,8 +167,15 @@ def _per_channel(p: float, channels: int, rng: np.random.Generator, value) -> Op
     return tuple(value() if rng.random() < p else None for _ in range(channels))
 
 
-def draw(aug: Augmentation, spatial_dims: int, channels: int, rng: np.random.Generator) -> Params:
-    """All random choices of one sample (probabilities per sample, values per channel where nnU-Net does so)."""
+def draw(aug: Augmentation, spatial_dims: int, channels: int, rng: np.random.Generator,
+         patch_size: Optional[Sequence[int]] = None) -> Params:
+    """All random choices of one sample (probabilities per sample, values per channel where nnU-Net does so).
+
+    ``patch_size``: the output size; quarter turns of 90 or 270 degrees need its first two sizes equal (otherwise,
+    and without it, a drawn turn is 180 degrees). Saturation and hue are drawn only when ``channels == 3``. The
+    transforms that are off by default are drawn last, and only when their probability is non-zero, so turning
+    them on or off leaves every other choice (and the generator's state, when off) as it was.
+    """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     aug.check(spatial_dims)
@@ -166,7 +198,15 @@ def draw(aug: Augmentation, spatial_dims: int, channels: int, rng: np.random.Gen
     gamma = tuple(_factor(aug.gamma, rng) for _ in range(channels)) if hit(aug.gamma_p) else None
     axes = aug.mirror_axes if aug.mirror_axes is not None else range(spatial_dims)
     mirror = tuple(a for a in axes if hit(aug.mirror_p))
-    return Params(rotation, scale, elastic, noise, blur, brightness, contrast, lowres, gamma_inverted, gamma, mirror)
+    rot90 = 0
+    if aug.rot90_p > 0 and hit(aug.rot90_p):
+        square = patch_size is not None and int(patch_size[0]) == int(patch_size[1])
+        rot90 = int(rng.integers(1, 4)) if square else 2
+    colour = channels == 3
+    saturation = float(rng.uniform(*aug.saturation)) if colour and aug.saturation_p > 0 and hit(aug.saturation_p) else None
+    hue = float(rng.uniform(*aug.hue)) if colour and aug.hue_p > 0 and hit(aug.hue_p) else None
+    return Params(rotation, scale, elastic, noise, blur, brightness, contrast, lowres, gamma_inverted, gamma, mirror,
+                  rot90, saturation, hue)
 
 
 # ---------------------------------------------------------------------------------------------- spatial
@@ -307,6 +347,31 @@ def _contrast(x: torch.Tensor, factors: tuple) -> torch.Tensor:
     return x
 
 
+# RGB -> YIQ (NTSC). Row 0 is the luma of ITU-R BT.601; rows 1 and 2 sum to 0, so greys have I = Q = 0.
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
+
+
+def _colour(x: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
+    """Each pixel's (R, G, B) times ``matrix``, clipped to [0, 1] — or to the patch's own range where that is wider
+    (values over 1 from brightness, or an image not normalized with ``rgb``, are not cut by the clip)."""
+    lo, hi = min(0.0, float(x.min())), max(1.0, float(x.max()))
+    m = torch.tensor(matrix, dtype=x.dtype)
+    return torch.tensordot(m, x, dims=1).clamp_(lo, hi)
+
+
+def _saturation(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blend each pixel with its grey value (luma) by ``factor``: 0 grey, 1 unchanged, > 1 more saturated."""
+    return _colour(x, factor * np.eye(3) + (1.0 - factor) * np.outer(np.ones(3), _YIQ[0]))
+
+
+def _hue(x: torch.Tensor, turn: float) -> torch.Tensor:
+    """Rotate each pixel's colour about the grey axis by ``turn`` of a full turn: a rotation of (I, Q) in YIQ
+    space, which keeps the luma Y (before the clip) and leaves greys grey."""
+    c, s = math.cos(2 * math.pi * turn), math.sin(2 * math.pi * turn)
+    rotation = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    return _colour(x, np.linalg.solve(_YIQ, rotation @ _YIQ))
+
+
 def _lowres(x: torch.Tensor, zooms: tuple) -> torch.Tensor:
     size = x.shape[1:]
     mode = "trilinear" if len(size) == 3 else "bicubic"
@@ -335,6 +400,8 @@ INTENSITY = (  # (field of Params, transform), in nnU-Net's order
     ("blur", _blur),
     ("brightness", _brightness),
     ("contrast", _contrast),
+    ("saturation", _saturation),  # colour jitter of RGB patches (off by default)
+    ("hue", _hue),
     ("lowres", _lowres),
     ("gamma_inverted", functools.partial(_gamma, invert=True)),
     ("gamma", _gamma),
@@ -352,6 +419,8 @@ def apply(image: np.ndarray, label: Optional[np.ndarray], params: Params, out_si
     are not modified.
     """
     out_size = tuple(int(s) for s in out_size)
+    if params.rot90 % 2 and out_size[0] != out_size[1]:
+        raise ValueError(f"a quarter turn of {params.rot90 * 90} degrees needs a square patch in axes 0 and 1, got {out_size}")
     if start is None:
         start = tuple((s - o) // 2 for s, o in zip(image.shape[1:], out_size))
     if params.spatial:
@@ -366,6 +435,9 @@ def apply(image: np.ndarray, label: Optional[np.ndarray], params: Params, out_si
     if params.mirror:
         img = torch.flip(img, [a + 1 for a in params.mirror])
         lab = None if lab is None else np.ascontiguousarray(np.flip(lab, params.mirror))
+    if params.rot90 % 4:
+        img = torch.rot90(img, params.rot90, [1, 2]).contiguous()
+        lab = None if lab is None else np.ascontiguousarray(np.rot90(lab, params.rot90, (0, 1)))
     return img.numpy(), lab
 
 
@@ -376,7 +448,7 @@ def augment_patch(image: np.ndarray, label: Optional[np.ndarray], centre: Sequen
     ``image``: (C, *spatial) whole volume (or slice); only a view of the patch plus margin is read.
     """
     patch_size = tuple(int(s) for s in patch_size)
-    params = draw(aug, len(patch_size), image.shape[0], rng)
+    params = draw(aug, len(patch_size), image.shape[0], rng, patch_size)
     start = patch_start(centre, image.shape[1:], patch_size)
     margin = margin_for(patch_size, aug) if params.spatial else (0,) * len(patch_size)
     lo = [max(0, a - m) for a, m in zip(start, margin)]

@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from medseg.atomic import atomic_path
-from medseg.data.io import read_volume
-from medseg.data.labels import LabelScheme
+from medseg.data.io import read_mask, read_volume
+from medseg.data.labels import IGNORE, LabelScheme
 from medseg.data.manifest import Case
 from medseg.data.preprocess import Prepared, Preprocessing
 from medseg.errors import MedsegError
@@ -48,13 +48,16 @@ class CaseData:
         return np.concatenate(coords) if coords else np.zeros((0, self.image.ndim - 1), np.int32)
 
 
-def _class_coords(label: np.ndarray | None, max_per_class: int = 200_000, seed: int = 0) -> dict[int, np.ndarray]:
+def _class_coords(label: np.ndarray | None, scheme: LabelScheme | None = None, max_per_class: int = 200_000,
+                  seed: int = 0) -> dict[int, np.ndarray]:
+    """Voxel coordinates per label value, background and ignored voxels left out (never a patch centre)."""
     if label is None:
         return {}
     rng = np.random.default_rng(seed)
     out = {}
+    skip = {0, IGNORE} if scheme is not None and scheme.has_ignore else {0}
     for value in np.unique(label):
-        if value == 0:
+        if value in skip:
             continue
         coords = np.argwhere(label == value).astype(np.int32)
         if len(coords) > max_per_class:  # a subset is enough to draw centres from
@@ -64,9 +67,10 @@ def _class_coords(label: np.ndarray | None, max_per_class: int = 200_000, seed: 
 
 
 def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | None) -> CaseData:
-    """Read, check and preprocess one case."""
+    """Read, check and preprocess one case; the label is decoded to label values by the scheme (0/255 masks,
+    thresholds, ignored values: see :mod:`medseg.data.labels`)."""
     images = [read_volume(path) for path in case.images.values()]
-    label_vol = read_volume(case.label) if case.label else None
+    label_vol = read_mask(case.label) if case.label else None
     first = images[0]
     for name, vol in zip(case.images, images):
         if not vol.same_grid(first, atol=1e-3):
@@ -75,10 +79,10 @@ def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | No
         if not label_vol.same_grid(first, atol=1e-3):
             raise MedsegError(f"case {case.id}: label {case.label} is not on the image grid; run 'medseg validate' on the manifest")
         if scheme is not None:
-            scheme.check(label_vol.array, f"case {case.id}: label {case.label}")
+            label_vol = label_vol.with_array(scheme.decode(label_vol.array, f"case {case.id}: label {case.label}"))
     prepared = preprocessing.apply(images, label_vol)
     label = None if prepared.label is None else prepared.label.astype(np.uint8 if prepared.label.max(initial=0) < 256 else np.int32)
-    return CaseData(case.id, prepared.image, label, _class_coords(label), replace(prepared, image=None, label=None))
+    return CaseData(case.id, prepared.image, label, _class_coords(label, scheme), replace(prepared, image=None, label=None))
 
 
 _GEOMETRY = ("affine", "original_shape", "original_affine", "ornt", "oriented_shape", "resampled_shape", "bbox")
@@ -129,7 +133,7 @@ class CaseCache:
                 geometry = _geometry_from(z)
                 if geometry is not None:  # a cache written before geometry was kept is prepared again
                     label = z["label"] if "label" in z.files else None
-                    return CaseData(case.id, z["image"], label, _class_coords(label), geometry)
+                    return CaseData(case.id, z["image"], label, _class_coords(label, self.scheme), geometry)
         data = load_case(case, self.preprocessing, self.scheme)
         with atomic_path(path, suffix=".npz") as tmp:
             arrays = {"image": data.image} | ({"label": data.label} if data.label is not None else {}) | _geometry_arrays(data.geometry)

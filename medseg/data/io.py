@@ -1,7 +1,8 @@
 """Reading and writing volumes with their geometry.
 
-NIfTI goes through nibabel. NRRD, MHA/MHD, other ITK formats and DICOM series go through SimpleITK, which is
-imported only on those paths (training and inference on NIfTI need no SimpleITK). SimpleITK works in LPS
+NIfTI goes through nibabel. 2D images (PNG, JPEG, BMP, TIFF, GIF) go through Pillow (:mod:`medseg.data.images2d`),
+as volumes one voxel thick with channels last. NRRD, MHA/MHD, other ITK formats and DICOM series go through
+SimpleITK, which is imported only on those paths (training and inference on NIfTI need no SimpleITK). SimpleITK works in LPS
 world coordinates; :class:`~medseg.data.volume.Volume` affines are RAS+ (nibabel), and arrays are indexed
 (i, j, k) in both cases, so a file read and written back keeps its exact grid.
 
@@ -22,11 +23,12 @@ import nibabel as nib
 import numpy as np
 
 from medseg.atomic import atomic_path
+from medseg.data.images2d import IMAGE_2D_SUFFIXES, collapse_mask_channels, read_image_2d, write_image_2d
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg", ".bmp")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _CHANNEL = re.compile(r"^(?P<path>.*)\[(?P<index>\d+)\]$")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -76,10 +78,14 @@ def _suffix(path: Path) -> str:
 
 
 def read_volume(path: str | Path | ImageRef, *, dtype: np.dtype | None = None) -> Volume:
-    """Read a NIfTI, NRRD, MHA or DICOM-series volume with its affine.
+    """Read a NIfTI, NRRD, MHA or DICOM-series volume with its affine, or a 2D image (PNG, JPEG, BMP, TIFF, GIF).
+
+    A 2D image is a volume one voxel thick with an identity affine: ``(W, H, 1)`` grey, ``(W, H, 1, 3)`` colour
+    (see :func:`~medseg.data.images2d.read_image_2d`).
 
     Args:
-        path: a file, a DICOM series folder, or an :class:`ImageRef` (text ``file[N]``) for channel N of a 4D file.
+        path: a file, a DICOM series folder, or an :class:`ImageRef` (text ``file[N]``) for channel N of a 4D file
+            or of a colour image (a grey image gives itself for N in 0..2, as if replicated to RGB).
         dtype: cast the array to this type (the on-disk type is kept by default, as ``meta["dtype"]``).
 
     Raises:
@@ -95,15 +101,18 @@ def read_volume(path: str | Path | ImageRef, *, dtype: np.dtype | None = None) -
     if not path.exists():
         raise MedsegError(f"{path}: file not found; check the path (relative paths in a manifest are relative to the manifest file)")
     if path.is_dir():
-        vol = _read_dicom_series(path)
+        masks = sorted(f for f in path.iterdir() if f.is_file() and _suffix(f) in IMAGE_2D_SUFFIXES and not f.name.startswith("."))
+        vol = read_instance_masks(path, masks) if masks else _read_dicom_series(path)
     elif _suffix(path) in NIFTI_SUFFIXES:
         vol = _read_nifti(path)
+    elif _suffix(path) in IMAGE_2D_SUFFIXES:
+        vol = read_image_2d(path)
     elif _suffix(path) in ITK_SUFFIXES or _suffix(path) == ".dcm":
         vol = _read_itk(path)
     else:
         raise MedsegError(
             f"{path}: unknown image format '{_suffix(path) or path.name}'; medseg reads .nii/.nii.gz (NIfTI), "
-            f".nrrd, .mha/.mhd and DICOM series folders; convert the file to one of these"
+            f".nrrd, .mha/.mhd, DICOM series folders and 2D images (.png, .jpg, .bmp, .tif, .gif); convert the file to one of these"
         )
     if ref.channel is not None:
         vol = _select_channel(vol, ref)
@@ -114,11 +123,56 @@ def read_volume(path: str | Path | ImageRef, *, dtype: np.dtype | None = None) -
 
 def _select_channel(vol: Volume, ref: ImageRef) -> Volume:
     channel = ref.channel
+    if vol.array.ndim == 3 and vol.meta.get("image2d"):  # a grey photo in a colour dataset: R = G = B = grey
+        if channel > 2:
+            raise MedsegError(f"{ref}: the image is grey, read as 3 equal colour channels (0..2); use a valid index")
+        return Volume(vol.array, vol.affine, {**vol.meta, "channel": channel})
     if vol.array.ndim != 4:
         raise MedsegError(f"{ref}: a channel index was given but the image is {vol.array.ndim}D, not 4D; remove '[{channel}]'")
     if channel >= vol.array.shape[3]:
         raise MedsegError(f"{ref}: the 4D image has {vol.array.shape[3]} channels (0..{vol.array.shape[3] - 1}); use a valid index")
     return Volume(np.ascontiguousarray(vol.array[..., channel]), vol.affine, {**vol.meta, "channel": channel})
+
+
+def read_label(path: str | Path | ImageRef, scheme=None) -> Volume:
+    """A reference label map as label values: :func:`read_mask`, then decoded by ``scheme`` (a
+    :class:`~medseg.data.labels.LabelScheme`: 0/255 masks, thresholds, ignored values) and checked against it."""
+    vol = read_mask(path)
+    if scheme is None:
+        return vol
+    return vol.with_array(scheme.decode(vol.array, f"label {path}"))
+
+
+def read_instance_masks(folder: Path, files: list[Path]) -> Volume:
+    """A folder of binary 2D masks, one per object (``masks/<id>/*.png``), as one instance label map: object ``n``
+    (files in name order) has value ``n`` (uint16). Where objects overlap the first keeps the pixel; the number of
+    such pixels is ``meta["overlap_pixels"]``."""
+    first = None
+    out = None
+    overlap = 0
+    for n, f in enumerate(files, start=1):
+        mask = collapse_mask_channels(read_image_2d(f), str(f))
+        if first is None:
+            first, out = mask, np.zeros(mask.array.shape, np.uint16 if len(files) < 65536 else np.uint32)
+        elif mask.array.shape != out.shape:
+            raise MedsegError(f"{f}: mask of shape {mask.array.shape[:2]} in a folder whose masks are {out.shape[:2]}; "
+                              "every object mask of an image has the image's size")
+        on = mask.array != 0
+        overlap += int(np.count_nonzero(on & (out != 0)))
+        out[on & (out == 0)] = n
+    return Volume(out, first.affine, {**first.meta, "path": str(folder), "dtype": str(out.dtype), "objects": len(files),
+                                      "overlap_pixels": overlap})
+
+
+def read_mask(path: str | Path | ImageRef) -> Volume:
+    """:func:`read_volume` for a label map or mask: a 2D mask stored as colour with three equal channels (as many
+    PNG and BMP masks are) comes back as one channel ``(W, H, 1)``; other files are read as they are.
+
+    Raises:
+        MedsegError: naming the file when a 2D mask has different R, G, B values.
+    """
+    vol = read_volume(path)
+    return collapse_mask_channels(vol, str(path)) if vol.meta.get("image2d") else vol
 
 
 def _read_nifti(path: Path) -> Volume:
@@ -200,7 +254,8 @@ def _read_dicom_series(folder: Path) -> Volume:
 def write_volume(volume: Volume, path: str | Path, *, dtype: np.dtype | str | None = None, compresslevel: int = 1) -> Path:
     """Write ``volume`` to ``path`` atomically (temporary file + rename), keeping its exact grid.
 
-    The format follows the extension (.nii.gz/.nii via nibabel; .nrrd/.mha via SimpleITK). ``dtype`` casts
+    The format follows the extension (.nii.gz/.nii via nibabel; .nrrd/.mha via SimpleITK; .png, .tif, .bmp, .jpg
+    via :func:`~medseg.data.images2d.write_image_2d`, for volumes one voxel thick). ``dtype`` casts
     the array (e.g. ``np.uint8`` for label maps). gzip level 1 is the default: several times faster to write
     than level 6-9 for files under 2% larger.
     """
@@ -209,6 +264,8 @@ def write_volume(volume: Volume, path: str | Path, *, dtype: np.dtype | str | No
     if array.dtype == bool:  # neither NIfTI nor ITK stores booleans
         array = array.astype(np.uint8)
     suffix = _suffix(path)
+    if suffix in IMAGE_2D_SUFFIXES:
+        return write_image_2d(array, path)
     if suffix in (".mhd", ".nhdr"):
         return _write_two_files(Volume(array, volume.affine, volume.meta), path)
     with atomic_path(path) as tmp:
@@ -229,7 +286,7 @@ def write_volume(volume: Volume, path: str | Path, *, dtype: np.dtype | str | No
         elif suffix in ITK_SUFFIXES:
             _write_itk(Volume(array, volume.affine, volume.meta), tmp)
         else:
-            raise MedsegError(f"{path}: cannot write format '{suffix}'; use .nii.gz, .nii, .nrrd or .mha")
+            raise MedsegError(f"{path}: cannot write format '{suffix}'; use .nii.gz, .nii, .nrrd or .mha (or .png for a 2D image)")
     return path
 
 

@@ -8,6 +8,9 @@ brats2021        ``BraTS2021_xxxxx/BraTS2021_xxxxx_{flair,t1,t1ce,t2,seg}.nii.gz
 brats2023        ``BraTS-GLI-xxxxx-xxx/...-{t2f,t1n,t1c,t2w,seg}.nii.gz``             brats2023
 msd              ``imagesTr/BRATS_xxx.nii.gz`` (4D) + ``labelsTr/BRATS_xxx.nii.gz``    msd
 nnunet           ``imagesTr/case_0000.nii.gz``... + ``labelsTr/case.nii.gz`` + dataset.json  from dataset.json
+images-masks     ``images/NAME.jpg`` + ``masks/NAME.png`` (2D; :mod:`medseg.data.layouts2d`)   from mask values
+instance-masks   ``images/NAME.png`` + ``masks/NAME/*.png`` (one mask per object)          foreground
+isbi-em          ``images/N.png`` + ``labels/N.png`` (ISBI 2012 EM)                        em_membrane
 ================ ==================================================================== ==============
 
 BraTS layouts share one channel order, ``flair, t1, t1ce, t2`` (2023: t2f, t1n, t1c, t2w), so a model
@@ -163,6 +166,8 @@ def _scheme_from_labels(labels, root: Path) -> dict | None:
 
 def detect_layout(root: Path) -> str:
     """Name of the layout of ``root``; a :class:`MedsegError` when none matches."""
+    from medseg.data.layouts2d import detect_2d
+
     if (root / "imagesTr").is_dir():
         if (root / "dataset.json").exists() and any((root / "imagesTr").glob("*_0000.nii*")):
             return "nnunet"
@@ -174,30 +179,44 @@ def detect_layout(root: Path) -> str:
         return "brats2021"
     if any(_nii(root / n, f"{n}_flair") for n in subdirs):
         return "brats2018"
+    two_d = detect_2d(root) if root.is_dir() else None
+    if two_d:
+        return two_d
     raise MedsegError(
-        f"{root}: no known layout found (BraTS 2018-2023 case folders, MSD or nnU-Net imagesTr/); "
+        f"{root}: no known layout found (BraTS 2018-2023 case folders, MSD or nnU-Net imagesTr/, images/ + masks/); "
         "give --layout explicitly or write a manifest by hand (see data_manifests/README.md)"
     )
 
 
-def build_manifest(layout: str, root: str | Path, *more_roots: str | Path) -> Manifest:
+def build_manifest(layout: str, root: str | Path, *more_roots: str | Path, label_scheme: str | dict | None = None,
+                   notes: list[str] | None = None) -> Manifest:
     """Build a manifest for the dataset folder ``root`` in ``layout`` (or ``"auto"``).
 
     ``more_roots`` are further folders of the same dataset in the same layout (a release split over several
     downloads): their cases are listed after those of ``root``, in folder order. Case ids must be unique across
-    the folders, and the folders must give the same channels and label scheme.
+    the folders, and the folders must give the same channels and label scheme. ``label_scheme`` replaces the
+    layout's scheme (2D layouts otherwise infer one from the mask values and append why to ``notes``).
     """
     check_choice(layout, ("auto", *LAYOUTS), "layout")
-    parts = [(Path(r), _build_one(layout, Path(r))) for r in (root, *more_roots)]
+    if isinstance(label_scheme, str):
+        from medseg.data.labels import get_scheme
+
+        get_scheme(label_scheme)  # an unknown name fails here, before any file is read
+    parts = [(Path(r), _build_one(layout, Path(r), label_scheme, notes)) for r in (root, *more_roots)]
     return parts[0][1] if len(parts) == 1 else _merge(parts)
 
 
-def _build_one(layout: str, root: Path) -> Manifest:
+def _build_one(layout: str, root: Path, label_scheme, notes) -> Manifest:
     if not root.is_dir():
         raise MedsegError(f"{root}: not a folder; give the dataset's root folder")
     if layout == "auto":
         layout = detect_layout(root)
-    manifest = LAYOUTS[layout](root)
+    if layout in LAYOUTS_2D:
+        manifest = LAYOUTS[layout](root, label_scheme=label_scheme, notes=notes)
+    else:
+        manifest = LAYOUTS[layout](root)
+        if label_scheme is not None:
+            manifest = replace(manifest, label_scheme=label_scheme)
     if not manifest.cases:
         raise MedsegError(f"{root}: no {layout} cases found; check the folder or the --layout")
     return manifest
@@ -223,3 +242,14 @@ def _merge(parts: list[tuple[Path, Manifest]]) -> Manifest:
             owner[case.id] = root
             cases.append(case)
     return replace(first, cases=tuple(cases))
+
+
+def _register_2d() -> tuple[str, ...]:
+    from medseg.data import layouts2d
+
+    LAYOUTS.update({"images-masks": layouts2d.images_masks, "instance-masks": layouts2d.instance_masks,
+                    "isbi-em": layouts2d.isbi_em})
+    return ("images-masks", "instance-masks", "isbi-em")
+
+
+LAYOUTS_2D = _register_2d()

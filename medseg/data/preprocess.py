@@ -4,12 +4,19 @@ Steps, each optional and described by :class:`Preprocessing` (stored as a dict i
 ``medseg predict`` applies exactly what training applied):
 
 1. reorient to canonical axis codes (default ``RAS``): an exact permutation/flip of axes, no interpolation;
-2. resample to a target spacing in mm (trilinear for images, nearest for labels) — only when asked;
+2. resample to a target spacing in mm (trilinear for images, nearest for labels) — only when asked; or, for 2D images
+   of varying sizes, to a fixed ``size`` in pixels (``[width, height]``: "resize", undone exactly by ``invert``);
 3. crop to the bounding box of non-zero voxels in any channel (the head), plus a margin;
 4. z-score each channel over its non-zero voxels (background stays 0), via MONAI's ``NormalizeIntensity``;
    or, for CT (``normalize: ct``), clip each channel to fixed Hounsfield bounds and z-score it with a fixed mean
    and standard deviation (``ct_clip``, ``ct_mean``, ``ct_std``: the foreground 0.5/99.5 percentiles, mean and
-   std of the training set, nnU-Net's CT scheme; ``medseg plan`` computes them).
+   std of the training set, nnU-Net's CT scheme; ``medseg plan`` computes them);
+   or, for photographs (``normalize: rgb``), scale each channel to [0, 1] by the largest value of its integer
+   type — 255 for 8-bit, 65535 for 16-bit — with no per-image statistics, so that colour augmentation
+   (``augmentation.saturation_p`` / ``hue_p``) acts on real colours and an image's brightness is kept. The type is
+   the channel's array type when it is uint8 or uint16 (as images are read); otherwise (float or wider integer
+   arrays) it is inferred from the values: the channel is divided by 255 when its maximum is <= 255, by 65535 when
+   <= 65535, else by its own maximum (then the one per-image statistic). Values below 0 are kept (not clipped).
 
 :meth:`Preprocessing.invert` maps an array on the prepared grid (class scores or labels) back to the exact
 grid of the first input channel: un-crop (background outside), resample back, reorient back.
@@ -70,6 +77,7 @@ class Preprocessing:
 
     orientation: str | None = "RAS"
     spacing: tuple[float, ...] | None = None
+    size: tuple[int, ...] | None = None  # resample to this shape on the first len(size) axes (2D: [width, height])
     crop_foreground: bool = True
     margin: int = 2
     normalize: str = "zscore_nonzero"
@@ -77,7 +85,7 @@ class Preprocessing:
     ct_mean: tuple[float, ...] | None = None  # normalize: ct; per channel
     ct_std: tuple[float, ...] | None = None  # normalize: ct; per channel
 
-    NORMALIZERS = ("zscore_nonzero", "zscore", "ct", "none")
+    NORMALIZERS = ("zscore_nonzero", "zscore", "ct", "rgb", "none")
 
     def __post_init__(self) -> None:
         check_choice(self.normalize, self.NORMALIZERS, "preprocessing.normalize")
@@ -90,6 +98,16 @@ class Preprocessing:
                 raise MedsegError(f"preprocessing.spacing: {self.spacing} must be positive millimetres")
         if self.margin < 0:
             raise MedsegError("preprocessing.margin must be >= 0")
+        if self.size is not None:
+            if self.spacing is not None:
+                raise MedsegError("preprocessing: give spacing (mm) or size (pixels), not both")
+            try:
+                size = tuple(int(v) for v in self.size)
+            except (TypeError, ValueError):
+                size = ()
+            if not 1 <= len(size) <= 3 or any(v < 1 for v in size):
+                raise MedsegError(f"preprocessing.size: {self.size!r} must be 1 to 3 positive sizes, e.g. [256, 256]")
+            object.__setattr__(self, "size", size)
 
     def _check_ct(self) -> None:
         given = [k for k in ("ct_clip", "ct_mean", "ct_std") if getattr(self, k) is not None]
@@ -127,6 +145,7 @@ class Preprocessing:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["spacing"] = list(self.spacing) if self.spacing else None
+        d["size"] = list(self.size) if self.size else None
         for key in ("ct_clip", "ct_mean", "ct_std"):
             if d[key] is not None:
                 d[key] = [list(v) if isinstance(v, tuple) else v for v in d[key]]
@@ -137,6 +156,7 @@ class Preprocessing:
         """Channels (each a Volume on one grid) and an optional label -> :class:`Prepared`."""
         first = images[0]
         ndim = first.spatial_ndim
+        dtypes = [np.asarray(v.array).dtype for v in images]  # before the float32 stack: normalize: rgb reads them
         stack = np.stack([np.asarray(v.array, dtype=np.float32) for v in images])
         lab = None if label is None else np.asarray(label.array)
         affine = first.affine
@@ -147,7 +167,7 @@ class Preprocessing:
             lab = None if lab is None else nib.orientations.apply_orientation(lab, ornt)
             affine = affine @ nib.orientations.inv_ornt_aff(ornt, first.shape)
         oriented_shape = stack.shape[1:]
-        if self.spacing is not None:
+        if self.spacing is not None or self.size is not None:
             stack, lab, affine = self._resample(stack, lab, affine)
         resampled_shape = stack.shape[1:]
         bbox = foreground_bbox(np.any(stack != 0, axis=0), self.margin) if self.crop_foreground else tuple((0, s) for s in resampled_shape)
@@ -157,14 +177,17 @@ class Preprocessing:
         shift = np.eye(4)
         shift[:ndim, 3] = [a for a, _ in bbox]
         affine = affine @ shift
-        stack = self._normalize(stack)
+        stack = self._normalize(stack, dtypes)
         return Prepared(stack, lab, affine, first.shape, first.affine.copy(), ornt, oriented_shape, resampled_shape, bbox)
 
     def _resample(self, stack, lab, affine):
         ndim = stack.ndim - 1
         old_shape = np.asarray(stack.shape[1:], dtype=float)
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[:ndim]
-        new_shape = tuple(max(1, int(round(s * sp / t))) for s, sp, t in zip(old_shape, spacing, self.spacing[:ndim]))
+        if self.size is not None:
+            new_shape = tuple(int(self.size[i]) if i < len(self.size) else int(n) for i, n in enumerate(old_shape))
+        else:
+            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[:ndim]
+            new_shape = tuple(max(1, int(round(s * sp / t))) for s, sp, t in zip(old_shape, spacing, self.spacing[:ndim]))
         if new_shape == stack.shape[1:]:
             return stack, lab, affine
         mode = "trilinear" if ndim == 3 else "bilinear"
@@ -179,11 +202,13 @@ class Preprocessing:
         zoom[:ndim, 3] = 0.5 * scale - 0.5
         return stack, lab, affine @ zoom
 
-    def _normalize(self, stack: np.ndarray) -> np.ndarray:
+    def _normalize(self, stack: np.ndarray, dtypes: Sequence[np.dtype] | None = None) -> np.ndarray:
         if self.normalize == "none":
             return stack
         if self.normalize == "ct":
             return self._normalize_ct(stack)
+        if self.normalize == "rgb":
+            return normalize_rgb(stack, dtypes)
         from monai.transforms import NormalizeIntensity
 
         norm = NormalizeIntensity(nonzero=self.normalize == "zscore_nonzero", channel_wise=True, dtype=np.float32)
@@ -222,6 +247,27 @@ class Preprocessing:
             inverse = _invert_ornt(prepared.ornt)
             full = np.stack([nib.orientations.apply_orientation(c, inverse) for c in full])
         return np.ascontiguousarray(full)
+
+
+def rgb_divisor(channel: np.ndarray, dtype: np.dtype | None = None) -> float:
+    """What ``normalize: rgb`` divides a channel by: the largest value of its integer type (see module docs)."""
+    if dtype is not None and np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        return float(np.iinfo(dtype).max)
+    top = float(channel.max()) if channel.size else 0.0
+    if top <= 255:
+        return 255.0
+    if top <= 65535:
+        return 65535.0
+    return top
+
+
+def normalize_rgb(stack: np.ndarray, dtypes: Sequence[np.dtype] | None = None) -> np.ndarray:
+    """``(C, *spatial)`` -> float32, each channel divided by :func:`rgb_divisor` (``dtypes``: the channels' array
+    types before conversion to float, when known)."""
+    out = np.empty(stack.shape, np.float32)
+    for c in range(stack.shape[0]):
+        out[c] = stack[c] / np.float32(rgb_divisor(stack[c], None if dtypes is None else dtypes[c]))
+    return out
 
 
 def _invert_ornt(ornt: np.ndarray) -> np.ndarray:

@@ -130,3 +130,34 @@ def generate_dataset(out_dir: str | Path, n_cases: int = 12, spec: SyntheticSpec
         cases.append(Case(case_id, paths, seg, fold=i % 5))
     manifest = Manifest(BRATS_CHANNELS, tuple(cases), "brats")
     return write_manifest(manifest, out_dir / "manifest.csv")
+
+
+def generate_images_2d(out_dir: str | Path, n_images: int = 8, seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((61, 47), (50, 58), (44, 44)),
+                       mask_format: str = "png255") -> Path:
+    """A small folder of 2D colour images in the ``images-masks`` layout: ``images/imgNN.jpg|png`` (RGB, sizes
+    cycling through ``sizes``, odd ones included) with a reddish disc on a textured greenish background, and
+    ``masks/imgNN_mask.png`` marking the disc. ``mask_format``: ``png255`` (0/255), ``png01`` (0/1) or ``bmp1``
+    (1-bit BMP, as PH2 dermoscopy masks). Returns ``out_dir``.
+    """
+    from PIL import Image
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for n in range(n_images):
+        w, h = sizes[n % len(sizes)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
+        r = rng.uniform(0.15, 0.3) * min(w, h)
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
+        texture = ndimage.gaussian_filter(rng.normal(0, 1, (h, w)), 2) * 25
+        rgb = np.stack([np.where(disc, 190, 70), np.where(disc, 80, 140), np.where(disc, 60, 90)], -1).astype(float)
+        rgb = np.clip(rgb + texture[..., None] + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
+        ext = ".jpg" if n % 2 == 0 else ".png"
+        Image.fromarray(rgb, "RGB").save(out / "images" / f"img{n:02d}{ext}", **({"quality": 95} if ext == ".jpg" else {}))
+        if mask_format == "bmp1":
+            Image.fromarray(disc).convert("1").save(out / "masks" / f"img{n:02d}_mask.bmp")
+        else:
+            Image.fromarray((disc * (255 if mask_format == "png255" else 1)).astype(np.uint8), "L").save(out / "masks" / f"img{n:02d}_mask.png")
+    return out

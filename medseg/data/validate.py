@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from medseg.data.io import read_volume
+from medseg.data.io import read_mask, read_volume
 from medseg.data.labels import LabelScheme, get_scheme
 from medseg.data.manifest import Case, Manifest, read_manifest
 from medseg.errors import MedsegError, ValidationError
@@ -32,7 +32,7 @@ def validate_case(case: Case, scheme: LabelScheme | None, atol: float = 1e-3, nd
         found = problems.setdefault(index, [])
         where = f"case {case.id}: {name} {path}"
         try:
-            vol = read_volume(path)
+            vol = read_mask(path) if name == "label" else read_volume(path)
         except MedsegError as err:
             found.append(f"case {case.id}: {err}")
             continue
@@ -44,7 +44,12 @@ def validate_case(case: Case, scheme: LabelScheme | None, atol: float = 1e-3, nd
             continue
         grids.append((index, name, vol.shape, vol.affine))
         if name == "label":
-            if scheme is not None:
+            if scheme is not None and scheme.decodes:
+                try:
+                    scheme.decode(vol.array, where)
+                except MedsegError as err:
+                    found.append(f"{err}" + _lossy_hint(vol.array, scheme))
+            elif scheme is not None:
                 bad = scheme.unknown_values(vol.array)
                 if bad:
                     found.append(f"{where}: label values {bad[:5]} are not in scheme '{scheme.name}' (allowed {list(scheme.values) if not scheme.is_generic else 'non-negative integers'}); fix the label map or choose its scheme with --scheme")
@@ -54,6 +59,40 @@ def validate_case(case: Case, scheme: LabelScheme | None, atol: float = 1e-3, nd
     for index, name, shape, affine, problem in _grid_problems(grids, atol):
         problems[index].insert(0, f"case {case.id}: {name} {files[index][1]}: {problem}")
     return [line for index in sorted(problems) for line in problems[index]]
+
+
+def _lossy_hint(array: np.ndarray, scheme: LabelScheme) -> str:
+    """A hint for 0/255 masks with a few values in between (JPEG-compressed or resized)."""
+    values = np.unique(array)
+    if len(scheme.labels) == 1 and 0 in values and 255 in values and len(values) > 3:
+        return " (the mask looks like a lossy 0/255 mask: scheme binary_lossy thresholds it at 128)"
+    return ""
+
+
+def colour_problems(manifest: Manifest) -> list[str]:
+    """2D datasets: colour images (channels R, G, B from one file each) and grey ones should not be mixed; a grey
+    image among colour ones is read as R = G = B, which is rarely what the user meant."""
+    from medseg.data.images2d import IMAGE_2D_SUFFIXES
+
+    if list(manifest.channels) != ["R", "G", "B"]:
+        return []
+    from PIL import Image
+
+    grey = []
+    for case in manifest.cases:
+        ref = next(iter(case.images.values()))
+        if ref.path.suffix.lower() not in IMAGE_2D_SUFFIXES or not ref.path.is_file():
+            continue
+        try:
+            with Image.open(ref.path) as im:
+                if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                    grey.append(case.id)
+        except OSError:
+            continue  # reported by the per-case check
+    if grey:
+        return [f"{manifest.path or 'manifest'}: {len(grey)} grey image(s) ({', '.join(grey[:3])}) in a colour dataset; they are "
+                "read as R = G = B. Convert them to colour or remove them if they are not of this dataset"]
+    return []
 
 
 def _grid_problems(grids, atol: float):
@@ -88,6 +127,7 @@ def validate_manifest(manifest: Manifest | str | Path, scheme: str | dict | Labe
 
             results = tqdm(results, total=len(manifest.cases), desc="validate", unit="case")
         problems = [p for case_problems in results for p in case_problems]
+    problems += colour_problems(manifest)
     if any(c.label for c in manifest.cases) and scheme_obj is None:
         problems.append(f"{manifest.path}: the manifest has labels but no label scheme; add a label_scheme column "
                         "with brats (or brats2023, msd, labels) on every row, or pass --scheme")

@@ -22,7 +22,7 @@ from medseg.data.manifest import Manifest, read_manifest
 from medseg.errors import MedsegError
 
 MANIFEST_SUFFIXES = (".csv", ".json")
-_IMAGE_SUFFIX = re.compile(r"\.(nii\.gz|nii|nrrd|nhdr|mha|mhd|dcm|png|tiff?)$", re.IGNORECASE)
+_IMAGE_SUFFIX = re.compile(r"\.(nii\.gz|nii|nrrd|nhdr|mha|mhd|dcm|png|jpe?g|bmp|gif|tiff?)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,14 @@ def _looks_like_dicom(folder: Path) -> bool:
 
 
 def _single_file_channels(ref: ImageRef, channels: Sequence[str]) -> tuple[ImageRef, ...]:
+    if ref.channel is None and _colour_image(ref.path):
+        # a colour 2D image: its channels for an RGB model; for a one-channel model its first channel (the
+        # layouts give grey content stored as RGB/RGBA one channel, file[0])
+        if len(channels) == 1:
+            return (ImageRef(ref.path, 0),)
+        if len(channels) == 3:
+            return tuple(ImageRef(ref.path, i) for i in range(3))
+        _wrong_count(ref, 3, channels)
     if len(channels) == 1:
         return (ref,)
     n = _nifti_channels(ref.path) if ref.channel is None else 1
@@ -143,6 +151,26 @@ def _single_file_channels(ref: ImageRef, channels: Sequence[str]) -> tuple[Image
         return tuple(ImageRef(ref.path, i) for i in range(n))
     raise MedsegError(f"{ref}: one image with {n} channel{'s' if n != 1 else ''} but the model needs {_channel_list(channels)}; "
                       "give one file per channel, in this order")
+
+
+def _wrong_count(ref: ImageRef, n: int, channels: Sequence[str]):
+    raise MedsegError(f"{ref}: one image with {n} channels but the model needs {_channel_list(channels)}; "
+                      "give one file per channel, in this order")
+
+
+def _colour_image(file: Path) -> bool:
+    """A 2D colour image (RGB, RGBA, CMYK...): read as three channels."""
+    from medseg.data.images2d import IMAGE_2D_SUFFIXES
+
+    if file.suffix.lower() not in IMAGE_2D_SUFFIXES or not file.is_file():
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return im.mode not in ("1", "L", "LA", "P", "I", "I;16", "I;16B", "I;16L", "F")
+    except OSError:
+        return False  # read_volume reports it with the fix
 
 
 def _nifti_channels(file: Path) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from medseg.checkpoint import find_checkpoint, load_checkpoint
+from medseg.data.images2d import IMAGE_2D_SUFFIXES
 from medseg.data.io import read_volume, write_volume
 from medseg.data.labels import LabelScheme, get_scheme
 from medseg.data.preprocess import Prepared, Preprocessing
@@ -59,6 +60,11 @@ class Prediction:
 
     labels: Volume
     probabilities: Volume | None = None
+
+
+def is_image_2d(path: str | Path) -> bool:
+    """A 2D image file (PNG, JPEG, BMP, TIFF, GIF): its prediction is written as a PNG of the same size."""
+    return Path(path).suffix.lower() in IMAGE_2D_SUFFIXES
 
 
 def background_logits(target: str, k: int) -> list[float]:
@@ -239,26 +245,47 @@ class Predictor:
     def predict_case(self, case: CaseInput) -> Prediction:
         return self.predict_volumes([read_volume(p) for p in case.images])
 
-    def output_paths(self, case_id: str, output_dir: Path) -> list[Path]:
-        paths = [Path(output_dir) / f"{case_id}.nii.gz"]
-        return paths + ([Path(output_dir) / f"{case_id}_prob.nii.gz"] if self.probabilities else [])
+    overlay = False  # also write <id>_overlay.png for 2D images (set by predict(overlay=True))
 
-    def write(self, prediction: Prediction, case_id: str, output_dir: str | Path) -> list[Path]:
-        """Write ``<id>.nii.gz`` (uint8 labels) and ``<id>_prob.nii.gz`` (float32) atomically; labels last."""
-        labels_path, *prob_path = self.output_paths(case_id, Path(output_dir))
-        if int(prediction.labels.array.max(initial=0)) > 255:
+    def output_paths(self, case: CaseInput | str, output_dir: Path) -> list[Path]:
+        """Label map first: ``<id>.png`` for a 2D image (PNG, JPEG, BMP, TIFF input), ``<id>.nii.gz`` otherwise;
+        then ``<id>_prob.nii.gz`` and ``<id>_overlay.png`` when asked for."""
+        case_id, two_d = (case, False) if isinstance(case, str) else (case.id, is_image_2d(case.images[0].path))
+        output_dir = Path(output_dir)
+        paths = [output_dir / f"{case_id}{'.png' if two_d else '.nii.gz'}"]
+        if self.probabilities:
+            paths.append(output_dir / f"{case_id}_prob.nii.gz")
+        if self.overlay and two_d:
+            paths.append(output_dir / f"{case_id}_overlay.png")
+        return paths
+
+    def write(self, prediction: Prediction, case: CaseInput | str, output_dir: str | Path,
+              images: Sequence[Volume] | None = None) -> list[Path]:
+        """Write the label map (uint8 NIfTI; PNG for 2D images, 16-bit when labels exceed 255), the probabilities
+        (float32 NIfTI) and, for 2D images, the colour overlay on ``images``, each atomically; labels last."""
+        labels_path, *extra = self.output_paths(case, Path(output_dir))
+        case_id = case if isinstance(case, str) else case.id
+        png = labels_path.suffix == ".png"
+        if not png and int(prediction.labels.array.max(initial=0)) > 255:
             raise MedsegError(f"case {case_id}: label values above 255 do not fit the uint8 output; use a scheme with values < 256")
         written = []
-        if prob_path and prediction.probabilities is not None:
-            written.append(write_volume(prediction.probabilities, prob_path[0], dtype=np.float32))
-        written.insert(0, write_volume(prediction.labels, labels_path, dtype=np.uint8))
+        for path in extra:
+            if path.name.endswith("_prob.nii.gz") and prediction.probabilities is not None:
+                written.append(write_volume(prediction.probabilities, path, dtype=np.float32))
+            elif path.name.endswith("_overlay.png") and images:
+                from medseg.data.images2d import write_overlay
+
+                photo = read_volume(images[0].meta["path"]) if images[0].meta.get("path") else images[0]
+                written.append(write_overlay(photo, prediction.labels, path))
+        written.insert(0, write_volume(prediction.labels, labels_path, dtype=None if png else np.uint8))
         return written
 
 
 def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output: str | Path, *, case_id: str | None = None,
             probabilities: bool = False, overwrite: bool = False, shard: tuple[int, int] = (0, 1), progress: bool = False,
-            **options) -> list[Path]:
-    """Predict every case named by ``inputs`` with ``model``; write ``<output>/<case_id>.nii.gz`` per case.
+            overlay: bool = False, **options) -> list[Path]:
+    """Predict every case named by ``inputs`` with ``model``; write ``<output>/<case_id>.nii.gz`` per case
+    (``<case_id>.png`` for 2D images, of the input's width and height; with ``overlay``, ``<case_id>_overlay.png``).
 
     Args:
         model: a run folder (``checkpoints/best.pt``, else ``last.pt``) or a checkpoint file.
@@ -272,6 +299,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         The files written (label maps first per case).
     """
     predictor = Predictor.from_checkpoint(model, probabilities=probabilities, **options)
+    predictor.overlay = overlay
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     cases = resolve_inputs(list(inputs), predictor.loaded.channels, case_id)
@@ -280,7 +308,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         raise MedsegError(f"shard {index}/{count}: the index must be within 0..{count - 1}")
     cases = cases[index::count]
     output = Path(output)
-    todo = [c for c in cases if overwrite or not all(p.exists() for p in predictor.output_paths(c.id, output))]
+    todo = [c for c in cases if overwrite or not all(p.exists() for p in predictor.output_paths(c, output))]
     written: list[Path] = []
     bar = None
     if progress and len(todo) > 0:
@@ -288,7 +316,8 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
 
         bar = tqdm(total=len(todo), desc="predict", unit="case")
     for case in todo:
-        written += predictor.write(predictor.predict_case(case), case.id, output)
+        images = [read_volume(p) for p in case.images]
+        written += predictor.write(predictor.predict_volumes(images), case, output, images)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(case.id)

@@ -16,6 +16,10 @@ labels. Dice is computed per sample and per channel, then averaged (MONAI ``batc
 in numerator and denominator; softmax Dice leaves out the background class, sigmoid Dice keeps every region.
 The VAE regulariser of ``segresnet_vae`` is computed by the model and added by the training step.
 
+Ignored voxels (a label scheme's ``ignore`` values, e.g. a trimap's boundary) arrive as class index -1 in a labels
+target; the labels losses then leave them out of both terms (Dice sums and the cross-entropy mean run over the
+other voxels only), and give exactly MONAI's value when no voxel is ignored.
+
 Example:
     >>> import torch
     >>> loss = create_loss("region_dice_bce", target="regions")
@@ -104,11 +108,42 @@ class _RegionDiceBCE(nn.Module):
 
 
 # MONAI is imported when a loss is built, so that listing the names (config validation) stays light.
+class _IgnoreAware(nn.Module):
+    """A labels loss (softmax Dice, optionally + cross-entropy) that leaves out voxels whose class index is -1.
+
+    Without ignored voxels the MONAI loss runs as is. With them, probabilities and one-hot targets are zeroed
+    there before MONAI's Dice (so they add nothing to intersections or denominators) and the cross-entropy is
+    averaged over the voxels that are not ignored.
+    """
+
+    def __init__(self, loss: nn.Module, with_ce: bool):
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.loss, self.with_ce = loss, with_ce
+        self.masked_dice = DiceLoss(include_background=False, batch=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        ignored = target < 0
+        if not bool(ignored.any()):
+            return self.loss(logits, target)
+        keep = (~ignored).float()
+        index = target.clamp(min=0).long()
+        onehot = F.one_hot(index[:, 0], logits.shape[1]).movedim(-1, 1).float() * keep
+        loss = self.masked_dice(torch.softmax(logits, 1) * keep, onehot)
+        if self.with_ce:
+            ce = F.cross_entropy(logits, index[:, 0], reduction="none") * keep[:, 0]
+            loss = loss + ce.sum() / keep.sum().clamp(min=1.0)
+        return loss
+
+
 @register("dice")
 def _dice(target: str) -> nn.Module:
     from monai.losses import DiceLoss
 
-    return _Float32(DiceLoss(**_dice_settings(target)))
+    loss = _Float32(DiceLoss(**_dice_settings(target)))
+    return loss if target == "regions" else _IgnoreAware(loss, with_ce=False)
 
 
 @register("dice_ce")
@@ -117,7 +152,7 @@ def _dice_ce(target: str) -> nn.Module:
         raise MedsegError("loss.name: dice_ce needs data.target: labels (softmax); for regions use region_dice_bce")
     from monai.losses import DiceCELoss
 
-    return _Float32(DiceCELoss(**_dice_settings(target), lambda_dice=1.0, lambda_ce=1.0))
+    return _IgnoreAware(_Float32(DiceCELoss(**_dice_settings(target), lambda_dice=1.0, lambda_ce=1.0)), with_ce=True)
 
 
 @register("region_dice_bce")

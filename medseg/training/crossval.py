@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from medseg.atomic import write_text_atomic
-from medseg.data.io import read_volume, write_volume
+from medseg.data.io import read_label, read_mask, write_volume
 from medseg.data.labels import LabelScheme
 from medseg.data.manifest import Manifest, read_manifest, write_manifest
 from medseg.errors import MedsegError
@@ -97,7 +97,13 @@ def _no_postprocessing() -> dict:
     return {f.name: f.default for f in dataclasses.fields(PostprocessSettings) if f.name != "threshold"}
 
 
-def _load_pairs(pred_dir: Path, manifest: Manifest) -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
+def prediction_path(folder: Path, case_id: str) -> Path:
+    """``<id>.nii.gz``, or ``<id>.png`` for a 2D image, in ``folder``."""
+    png = folder / f"{case_id}.png"
+    return png if png.exists() else folder / f"{case_id}.nii.gz"
+
+
+def _load_pairs(pred_dir: Path, manifest: Manifest, scheme: LabelScheme | None = None) -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
     """(id, prediction, reference, spacing) per labelled case, cropped to the union of both foregrounds."""
     from medseg.evaluation.surface import bounding_box
 
@@ -105,8 +111,8 @@ def _load_pairs(pred_dir: Path, manifest: Manifest) -> list[tuple[str, np.ndarra
     for case in manifest.cases:
         if case.label is None:
             continue
-        ref = read_volume(case.label)
-        pred = np.asarray(read_volume(pred_dir / f"{case.id}.nii.gz").array)
+        ref = read_label(case.label, scheme)
+        pred = np.asarray(read_mask(prediction_path(pred_dir, case.id)).array)
         box = bounding_box((pred != 0) | (np.asarray(ref.array) != 0), margin=1) or tuple(slice(0, 1) for _ in pred.shape)
         pairs.append((case.id, pred[box], np.asarray(ref.array)[box], tuple(ref.spacing)))
     return pairs
@@ -156,14 +162,16 @@ def summarize_cv(run_dir: Path, manifest: Manifest, folds: Sequence[int], progre
 
     scheme = load_model(run_dir / f"fold_{folds[0]}").scheme
     raw = out_of_fold_predictions(run_dir, manifest, folds, progress)
-    pairs = _load_pairs(raw, manifest)
+    pairs = _load_pairs(raw, manifest, scheme)
     choice = choose_postprocessing(pairs, scheme)
     write_text_atomic(run_dir / "postprocessing.json", json.dumps(choice, indent=2) + "\n")
     post = PostprocessSettings.from_dict(choice["postprocessing"])
     final = run_dir / "cv" / "postprocessed"
     for case in manifest.cases:
-        vol = read_volume(raw / f"{case.id}.nii.gz")
-        write_volume(vol.with_array(postprocess(np.asarray(vol.array), scheme, post)), final / f"{case.id}.nii.gz", dtype=np.uint8)
+        path = prediction_path(raw, case.id)
+        vol = read_mask(path)
+        write_volume(vol.with_array(postprocess(np.asarray(vol.array), scheme, post)), final / path.name,
+                     dtype=None if path.suffix == ".png" else np.uint8)
     result = evaluate(final, manifest, scheme, progress=progress)
     write_report(result, run_dir / "cv" / "report")
     summary = result.summary

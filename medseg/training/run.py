@@ -99,9 +99,10 @@ class Run:
         cache = setup.load_cases(p, used, scheme, run_dir, options.progress and info.is_main)
         train_cases = [cache[c.id] for c in train_m.cases]
         setup.check_patch_size(p, {c.id: c for c in train_cases})
-        val = validation_cases([cache[c.id] for c in val_m.cases], val_m.cases) if info.is_main else []
+        val = validation_cases([cache[c.id] for c in val_m.cases], val_m.cases, scheme) if info.is_main else []
         torch.manual_seed(p.seed)
         channels = list(manifest.channels)
+        p.augmentation.check(p.model.spatial_dims, len(channels))  # colour jitter needs RGB
         step = ModelStep.build(p, len(channels), setup.out_channels(scheme, p.data.target), device)
         step.check_size(tuple(p.sampling.patch_size), "sampling.patch_size")
         step.check_size(p.roi_size, "inference.roi_size")

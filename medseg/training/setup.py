@@ -67,6 +67,9 @@ def label_scheme(p: Pipeline, manifest: Manifest) -> LabelScheme:
         raise MedsegError("data.label_scheme: training needs the label values; use a named scheme or a dict with labels")
     if p.data.target == "regions" and not scheme.regions:
         raise MedsegError(f"data.target: regions needs a scheme with regions, and '{scheme.name}' has none; use target: labels")
+    if p.data.target == "regions" and scheme.has_ignore:
+        raise MedsegError(f"data.target: scheme '{scheme.name}' ignores values {list(scheme.ignore)}, which only labels targets "
+                          "support; use target: labels")
     return scheme
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medseg.data.dataset import CaseData
-from medseg.data.io import read_volume
+from medseg.data.io import read_label
 from medseg.data.labels import LabelScheme
 from medseg.data.manifest import Case
 from medseg.evaluation.metrics import MetricSettings, compute_metrics
@@ -33,15 +33,16 @@ class ValidationCase:
     spacing: tuple[float, ...]
 
 
-def validation_cases(prepared: Sequence[CaseData], cases: Sequence[Case]) -> list[ValidationCase]:
-    """Pair prepared cases with their original label maps (read once; cases without a label are left out)."""
+def validation_cases(prepared: Sequence[CaseData], cases: Sequence[Case], scheme: LabelScheme | None = None) -> list[ValidationCase]:
+    """Pair prepared cases with their original label maps, decoded by ``scheme`` (read once; cases without a
+    label are left out)."""
     by_id = {c.id: c for c in cases}
     out = []
     for data in prepared:
         case = by_id[data.id]
         if case.label is None:
             continue
-        vol = read_volume(case.label)
+        vol = read_label(case.label, scheme)
         out.append(ValidationCase(data, np.asarray(vol.array), tuple(float(s) for s in vol.spacing)))
     return out
 
