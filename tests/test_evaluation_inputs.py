@@ -55,7 +55,7 @@ def test_cli_writes_reports_and_leaves_inputs_alone(dataset, capsys):
     out = dataset["root"] / "report"
     rc = main(["evaluate", "--predictions", str(dataset["preds"]), "--manifest", str(dataset["manifest"]), "--output", str(out)])
     assert rc == 0
-    assert {p.name for p in out.iterdir()} == {"cases.csv", "summary.csv", "summary.json", "report.html"}
+    assert {p.name for p in out.iterdir()} == {"cases.csv", "summary.csv", "summary.json", "confusion.csv", "report.html"}
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["cases"], summary["evaluated"], summary["missing"]) == (3, 3, 0)
     assert summary["ranking"][-1]["id"] == "case0" and summary["ranking"][-1]["score"] == 1.0  # the unshifted one

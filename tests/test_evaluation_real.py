@@ -103,7 +103,7 @@ def test_full_command_ranks_the_bad_predictions_worst(brats, tmp_path):
     assert len(lines) == 1 + len(cases) * 7
     html = (out / "report.html").read_text()
     assert "worst case Brats18_CBICA_AME_1" in html or "worst case Brats18_2013_3_1" in html
-    assert html.count("<img ") == 4 and "http" not in html.replace("http-equiv", "")
+    assert html.count("<img ") == 5 and "http" not in html.replace("http-equiv", "")  # + the confusion heat-map
 
     browser = _chromium()
     if browser is None:
@@ -113,7 +113,7 @@ def test_full_command_ranks_the_bad_predictions_worst(brats, tmp_path):
              "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]
     dom = subprocess.run([browser, *flags, "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
-    assert 'data-images-loaded="4"' in dom  # every image decoded with a non-zero size
+    assert 'data-images-loaded="5"' in dom  # every image decoded with a non-zero size
     assert dom.count('class="sortable sortable-ready"') == 2  # the inline script ran on both tables
     assert dom.count("<tr>") >= 7 + len(cases)
     shot = tmp_path / "shot.png"

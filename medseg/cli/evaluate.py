@@ -10,9 +10,11 @@ EPILOG = """examples:
   medseg evaluate --predictions preds/ --manifest cases.csv --output report/
   medseg evaluate --predictions preds/ --manifest cases.csv --output report/ --prediction-scheme brats2023
   medseg evaluate --predictions preds.csv --manifest cases.csv --output report/ --scheme brats --workers 2
-PREDICTIONS is the folder 'medseg predict' wrote (<id>.nii.gz, or <id>/ subfolders) or a manifest whose label
-column lists the predictions; cases are matched by id. A case without a prediction is reported as missing.
-Writes REPORT_DIR/cases.csv, summary.csv, summary.json and report.html. Definitions: docs/evaluation.md."""
+PREDICTIONS is the folder 'medseg predict' wrote (<id>.nii.gz, <id>.png for 2D images, or <id>/ subfolders) or
+a manifest whose label column lists the predictions; cases are matched by id. A case without a prediction is
+reported as missing; no prediction for any case is an error. Reference masks are read through the label scheme
+(0/255 masks, 1-bit BMPs, trimaps: value 3 ignored). Writes REPORT_DIR/cases.csv, summary.csv, summary.json,
+confusion.csv and report.html. Definitions: docs/evaluation.md."""
 
 
 def register(sub) -> None:

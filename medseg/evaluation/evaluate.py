@@ -2,9 +2,14 @@
 
 Predictions are matched to ground-truth cases by id. They come as
 
-- a folder of ``<id>.nii.gz`` files (what ``medseg predict`` writes; ``.nii``, ``.nrrd``, ``.mha`` also work),
+- a folder of ``<id>.nii.gz`` files (what ``medseg predict`` writes; ``.nii``, ``.nrrd``, ``.mha`` also work) or,
+  for 2D images, ``<id>.png`` label maps (``.tif``, ``.bmp`` also work),
 - a folder of per-case subfolders ``<id>/`` holding ``<id>.nii.gz`` or a single image file, or
 - a manifest (CSV/JSON) whose ``label`` column points at the predictions.
+
+References are read through the label scheme (:meth:`LabelScheme.decode`: 0/255 masks, 1-bit BMPs, inverted or
+lossy masks, trimaps whose boundary is ignored); predictions are label maps in the scheme's values
+(``decode(..., prediction=True)``: a 0/255 binary prediction reads as 0/1).
 
 A prediction must lie on its ground truth's grid (shape and affine); otherwise the case stops with an error,
 unless resampling (nearest neighbour) is asked for. A case without a prediction gives rows with
@@ -21,14 +26,16 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from medseg.data.io import ImageRef, read_volume
+from medseg.data.images2d import IMAGE_2D_SUFFIXES
+from medseg.data.io import ImageRef, read_mask
 from medseg.data.labels import LabelScheme, get_scheme, list_schemes
 from medseg.data.manifest import Manifest, read_manifest
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError
-from medseg.evaluation.metrics import METRICS, MetricSettings, compute_metrics, targets
+from medseg.evaluation.metrics import CASE_METRICS, METRICS, MetricSettings, compute_metrics_confusion, targets
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".tif", ".tiff", ".bmp")
+SIDE_FILES = ("_prob", "_overlay")  # what medseg predict writes beside <id>.nii.gz / <id>.png: never a prediction
 MANIFEST_SUFFIXES = (".csv", ".json")
 ID_COLUMNS = ("id", "status", "kind", "target")
 SUMMARY_STATS = ("count", "missing", "nan", "mean", "std", "median", "q1", "q3", "min", "max")
@@ -64,6 +71,8 @@ class EvaluationResult:
             kind, target``, the metrics and the file paths.
         summary: one row per class/region x metric: count, missing, nan, mean, std, median, q1, q3, min, max.
         inputs: the matched cases; options: the settings used; unmatched: predictions with no ground truth.
+        confusion: voxel counts summed over the evaluated cases, index = reference class, columns = predicted
+            class (names; ``background`` first), ignored voxels left out; ``None`` when no case was evaluated.
     """
 
     cases: pd.DataFrame
@@ -71,6 +80,13 @@ class EvaluationResult:
     inputs: tuple[CaseInput, ...] = ()
     options: EvaluationOptions | None = None
     unmatched: tuple[str, ...] = field(default=())
+    confusion: pd.DataFrame | None = None
+
+    @property
+    def distance_unit(self) -> str:
+        """``"px"`` when every reference is a 2D image (spacing 1 pixel), ``"mm"`` when none is, else ``"mixed"``."""
+        units = set(self.cases["unit"]) if "unit" in self.cases else {"mm"}
+        return units.pop() if len(units) == 1 else "mixed"
 
 
 # ----------------------------------------------------------------------------- matching
@@ -86,13 +102,16 @@ def match_predictions(predictions: str | Path, ids: Sequence[str]) -> tuple[dict
                           "or a manifest whose label column lists the predictions")
     files: dict[str, list[Path]] = {}
     folders: dict[str, Path] = {}
+    known = set(ids)
     for entry in sorted(path.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
             folders[entry.name] = entry
         elif (suffix := _image_suffix(entry)) is not None:
-            files.setdefault(entry.name[: -len(suffix)], []).append(entry)
+            stem = entry.name[: -len(suffix)]
+            if not any(stem.endswith(side) and stem[: -len(side)] in known for side in SIDE_FILES):
+                files.setdefault(stem, []).append(entry)
     out: dict[str, ImageRef | None] = {}
     for case_id in ids:
         candidates = files.get(case_id, [])
@@ -109,7 +128,8 @@ def _image_suffix(p: Path) -> str | None:
 
 
 def _from_folder(folder: Path, case_id: str) -> Path | None:
-    images = [p for p in sorted(folder.iterdir()) if p.is_file() and _image_suffix(p) and not p.name.startswith(".")]
+    images = [p for p in sorted(folder.iterdir()) if p.is_file() and _image_suffix(p) and not p.name.startswith(".")
+              and not any(p.name[: -len(_image_suffix(p))] == case_id + side for side in SIDE_FILES)]
     named = [p for p in images if p.name[: -len(_image_suffix(p))] == case_id]
     if len(named) == 1:
         return named[0]
@@ -131,10 +151,29 @@ def resample_nearest(volume: Volume, target: Volume) -> np.ndarray:
                                     order=0, mode="constant", cval=0)
 
 
+def distance_unit(reference: ImageRef) -> str:
+    """Unit of the distances of a case: ``"px"`` for a 2D image reference (spacing 1 pixel), else ``"mm"``."""
+    name = reference.path.name.lower()
+    return "px" if any(name.endswith(s) for s in IMAGE_2D_SUFFIXES) else "mm"
+
+
+def is_image_2d(volume: Volume) -> bool:
+    """True for a 2D image read as a volume one pixel thick ``(W, H, 1)`` (evaluated as a 2D array)."""
+    return bool(volume.meta.get("image2d")) and volume.array.ndim == 3 and volume.array.shape[2] == 1
+
+
 def load_case(case: CaseInput, options: EvaluationOptions) -> tuple[Volume, np.ndarray]:
-    """Ground truth volume and the prediction's array on its grid, in the ground truth's label convention."""
-    ref = read_volume(case.reference)
-    pred = read_volume(case.prediction)
+    """Ground truth volume (decoded to label values, :data:`~medseg.data.labels.IGNORE` where ignored) and the
+    prediction's array on its grid, in the ground truth's label convention."""
+    ref = read_mask(case.reference)
+    pred = read_mask(case.prediction)
+    try:
+        if options.scheme.decodes:
+            ref = ref.with_array(options.scheme.decode(ref.array, str(case.reference)))
+        if options.prediction_scheme.decodes:
+            pred = pred.with_array(options.prediction_scheme.decode(pred.array, str(case.prediction), prediction=True))
+    except MedsegError as err:
+        raise MedsegError(f"case {case.id}: {err}; if the prediction uses another label convention, pass --prediction-scheme") from None
     if pred.array.ndim != ref.array.ndim:
         raise MedsegError(f"case {case.id}: prediction {case.prediction} is {pred.array.ndim}D with shape {pred.array.shape} but the "
                           f"ground truth {case.reference} is {ref.array.ndim}D {ref.array.shape}; write one label map per case")
@@ -157,17 +196,50 @@ def load_case(case: CaseInput, options: EvaluationOptions) -> tuple[Volume, np.n
 
 def evaluate_case(case: CaseInput, options: EvaluationOptions) -> list[dict]:
     """Rows of one case (see :attr:`EvaluationResult.cases`); a missing prediction gives ``status="missing"`` rows."""
-    base = {"id": case.id, "prediction": str(case.prediction or ""), "reference": str(case.reference)}
-    if case.prediction is None or not case.prediction.path.exists():
+    return _evaluate_case(case, options)[0]
+
+
+Confusion = tuple[list[int], np.ndarray]  # label values, counts [reference, prediction]
+
+
+def _evaluate_case(case: CaseInput, options: EvaluationOptions) -> tuple[list[dict], Confusion | None]:
+    base = {"id": case.id, "unit": distance_unit(case.reference), "prediction": str(case.prediction or ""),
+            "reference": str(case.reference)}
+    if not _has_prediction(case):
         names = [(k, n) for k, n, _ in targets(options.scheme, [], options.metrics.targets)] + [("case", "all")]
-        return [{**base, "status": "missing", "kind": k, "target": n} for k, n in names]
+        return [{**base, "status": "missing", "kind": k, "target": n} for k, n in names], None
     ref, pred = load_case(case, options)
+    ref_array, spacing = ref.array, ref.spacing
+    if is_image_2d(ref):  # (W, H, 1): surfaces and distances in the plane, not in a slab one voxel thick
+        ref_array, pred, spacing = ref_array[:, :, 0], pred[:, :, 0], spacing[:2]
     try:
-        df = compute_metrics(pred, ref.array, ref.spacing, options.scheme, options.metrics)
+        df, values, counts = compute_metrics_confusion(pred, ref_array, spacing, options.scheme, options.metrics)
     except MedsegError as err:
         raise MedsegError(f"case {case.id}: {err} (prediction {case.prediction}, ground truth {case.reference}); if the "
                           f"prediction uses another label convention, pass --prediction-scheme") from None
-    return [{**base, "status": "ok", **row} for row in df.to_dict("records")]
+    return [{**base, "status": "ok", **row} for row in df.to_dict("records")], (values, counts)
+
+
+def _has_prediction(case: CaseInput) -> bool:
+    return case.prediction is not None and case.prediction.path.exists()
+
+
+def sum_confusions(confusions: Sequence[Confusion], scheme: LabelScheme) -> pd.DataFrame | None:
+    """Per-case confusion matrices summed on the union of their label values, as a DataFrame of class names
+    (index = reference, columns = prediction); ``None`` when there is none."""
+    if not confusions:
+        return None
+    values = sorted(set().union(*[v for v, _ in confusions]))
+    pos = {v: i for i, v in enumerate(values)}
+    total = np.zeros((len(values), len(values)), dtype=np.int64)
+    for vals, counts in confusions:
+        idx = [pos[v] for v in vals]
+        total[np.ix_(idx, idx)] += counts
+    names = {v: n for n, v in scheme.labels.items()}
+    labels = ["background" if v == 0 else names.get(v, str(v)) for v in values]
+    frame = pd.DataFrame(total, index=pd.Index(labels, name="reference"), columns=pd.Index(labels, name="prediction"))
+    frame.attrs["values"] = values
+    return frame
 
 
 # ----------------------------------------------------------------------------- the whole set
@@ -203,24 +275,41 @@ def evaluate(predictions: str | Path, manifest: str | Path | Manifest, scheme: s
                           "for every case: add their label paths or remove them from the manifest")
     found, unmatched = match_predictions(predictions, gt.ids)
     inputs = tuple(CaseInput(c.id, c.label, found[c.id], next(iter(c.images.values()), None)) for c in gt.cases)
-    rows = _run(inputs, options, workers, progress)
-    cases = _frame([r for case_rows in rows for r in case_rows])
-    return EvaluationResult(cases, summarize(cases), inputs, options, tuple(unmatched))
+    if inputs and not any(_has_prediction(c) for c in inputs):
+        raise MedsegError(_no_predictions_message(predictions, inputs, unmatched))
+    results = _run(inputs, options, workers, progress)
+    cases = _frame([r for case_rows, _ in results for r in case_rows])
+    confusion = sum_confusions([c for _, c in results if c is not None], options.scheme)
+    return EvaluationResult(cases, summarize(cases), inputs, options, tuple(unmatched), confusion)
 
 
-def _run(inputs: Sequence[CaseInput], options: EvaluationOptions, workers: int, progress: bool) -> list[list[dict]]:
+def _no_predictions_message(predictions: str | Path, inputs: Sequence[CaseInput], unmatched: Sequence[str]) -> str:
+    first = inputs[0]
+    suffix = ".png" if distance_unit(first.reference) == "px" else ".nii.gz"
+    text = (f"{predictions}: no prediction for any of the {len(inputs)} ground-truth cases; expected files named by case id, "
+            f"e.g. {first.id}{suffix} (a folder of <id>.nii.gz / <id>.png / <id>.tif / <id>.bmp files or <id>/ subfolders, "
+            "or a manifest listing predictions)")
+    if unmatched:
+        text += f"; the predictions found ({', '.join(unmatched[:3])}{' ...' if len(unmatched) > 3 else ''}) match no case id"
+    elif Path(predictions).is_file():
+        text += "; the files the manifest lists do not exist"
+    return text + ": check the folder and the manifest"
+
+
+def _run(inputs: Sequence[CaseInput], options: EvaluationOptions, workers: int,
+         progress: bool) -> list[tuple[list[dict], Confusion | None]]:
     from tqdm import tqdm
 
     bar = tqdm(total=len(inputs), desc="evaluate", unit="case", disable=not progress)
-    results: list[list[dict] | None] = [None] * len(inputs)
+    results: list[tuple[list[dict], Confusion | None] | None] = [None] * len(inputs)
     try:
         if workers <= 1 or len(inputs) <= 1:
             for i, case in enumerate(inputs):
-                results[i] = evaluate_case(case, options)
+                results[i] = _evaluate_case(case, options)
                 bar.update()
         else:
             with ProcessPoolExecutor(min(workers, len(inputs))) as pool:
-                futures = {pool.submit(evaluate_case, case, options): i for i, case in enumerate(inputs)}
+                futures = {pool.submit(_evaluate_case, case, options): i for i, case in enumerate(inputs)}
                 try:
                     for future in as_completed(futures):
                         results[futures[future]] = future.result()
@@ -240,7 +329,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
         if col not in df:
             df[col] = np.nan
     df[list(METRICS)] = df[list(METRICS)].astype(float)
-    return df[[*ID_COLUMNS, *METRICS, "prediction", "reference"]]
+    return df[[*ID_COLUMNS, *METRICS, "unit", "prediction", "reference"]]
 
 
 def summarize(cases: pd.DataFrame) -> pd.DataFrame:
@@ -256,9 +345,7 @@ def summarize(cases: pd.DataFrame) -> pd.DataFrame:
         missing = int((group["status"] == "missing").sum())
         for metric in METRICS:
             values = ok[metric].to_numpy(dtype=float)
-            if kind == "case" and metric not in ("pixel_accuracy", "mean_pixel_accuracy"):
-                continue
-            if kind != "case" and metric in ("pixel_accuracy", "mean_pixel_accuracy"):
+            if (kind == "case") != (metric in CASE_METRICS):
                 continue
             valid = values[~np.isnan(values)]
             rows.append({"kind": kind, "target": target, "metric": metric, "count": int(valid.size), "missing": missing,

@@ -3,6 +3,11 @@
 All overlap counts of a case come from one ``bincount`` over (prediction, reference) index pairs inside the
 bounding box of the union of both foregrounds (voxels outside it are background in both). Surface metrics use
 :mod:`medseg.evaluation.surface`. Definitions and the rules for empty masks are in ``docs/evaluation.md``.
+
+Ignored voxels: when the scheme ignores file values (``trimap``: the boundary), the decoded reference holds
+:data:`~medseg.data.labels.IGNORE` there. Those voxels count as neither prediction nor reference: they are left out of
+every count (overlap, confusion matrix, pixel accuracy, volumes) and are background in both masks for the surface
+distances.
 """
 from __future__ import annotations
 
@@ -12,15 +17,15 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from medseg.data.labels import LabelScheme, get_scheme
+from medseg.data.labels import IGNORE, LabelScheme, get_scheme
 from medseg.errors import MedsegError, check_choice
 from medseg.evaluation import surface as surf
 
 EMPTY_RULES = ("brats", "nan")
-OVERLAP_METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
+OVERLAP_METRICS = ("dice", "iou", "precision", "recall", "f1", "specificity", "accuracy")
 DISTANCE_METRICS = ("hd95", "assd", "nsd")
 VOLUME_METRICS = ("ref_ml", "pred_ml", "vol_diff_ml")
-CASE_METRICS = ("pixel_accuracy", "mean_pixel_accuracy")
+CASE_METRICS = ("pixel_accuracy", "mean_pixel_accuracy", "mean_iou", "fw_iou")  # the kind="case" row
 METRICS = OVERLAP_METRICS + DISTANCE_METRICS + VOLUME_METRICS + CASE_METRICS
 
 
@@ -68,7 +73,10 @@ def _ratio(num: float, den: float, both_empty: bool, one_empty: bool, empty: str
 
 
 def overlap_metrics(tp: int, fp: int, fn: int, tn: int, empty: str = "brats") -> dict[str, float]:
-    """Dice, IoU, precision, recall, specificity and accuracy from voxel counts, with the empty-mask rules.
+    """Dice, IoU, precision, recall, F1, specificity and accuracy from voxel counts, with the empty-mask rules.
+
+    F1 (2 precision recall / (precision + recall)) is Dice for one class against the rest; it is listed under its
+    own name for readers who look for it.
 
     Example:
         >>> overlap_metrics(tp=3, fp=1, fn=2, tn=4)["dice"]
@@ -77,14 +85,51 @@ def overlap_metrics(tp: int, fp: int, fn: int, tn: int, empty: str = "brats") ->
     ref_n, pred_n = tp + fn, tp + fp
     both = ref_n == 0 and pred_n == 0
     one = (ref_n == 0) != (pred_n == 0)
+    dice = _ratio(2 * tp, 2 * tp + fp + fn, both, one, empty)
+    total = tp + fp + fn + tn
     return {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, both, one, empty),
+        "dice": dice,
         "iou": _ratio(tp, tp + fp + fn, both, one, empty),
         "precision": _ratio(tp, pred_n, both, one, empty),
         "recall": _ratio(tp, ref_n, both, one, empty),
+        "f1": dice,
         "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
-        "accuracy": float((tp + tn) / (tp + fp + fn + tn)),
+        "accuracy": float((tp + tn) / total) if total else float("nan"),
     }
+
+
+def semantic_metrics(counts: np.ndarray) -> dict[str, float]:
+    """Multi-class scores of a confusion matrix (classes incl. background), as in Long et al. (FCN, CVPR 2015).
+
+    Args:
+        counts: ``(K, K)`` voxel counts, ``[i, j]`` = predicted class i and reference class j (the layout of
+            :func:`confusion_matrix`); one case or summed over cases.
+
+    Returns:
+        ``pixel_accuracy`` (right voxels / all), ``mean_pixel_accuracy`` (mean over the classes present in the
+        reference of their recall), ``mean_iou`` (mean over the classes present in the prediction or the reference
+        of their IoU: a class absent from both has no IoU and is left out, as scikit-learn's ``jaccard_score``
+        does over the labels it finds) and ``fw_iou`` (IoUs weighted by the classes' reference voxel counts).
+        All NaN when ``counts`` is empty (every voxel ignored).
+
+    Example:
+        >>> m = semantic_metrics(np.array([[5, 1], [0, 2]]))  # 5 + 2 right, 1 reference-1 voxel predicted 0
+        >>> round(m["pixel_accuracy"], 4), round(m["mean_iou"], 4)
+        (0.875, 0.75)
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total == 0:
+        return {m: float("nan") for m in CASE_METRICS}
+    diag = np.diag(counts)
+    ref_n, pred_n = counts.sum(axis=0), counts.sum(axis=1)
+    union = ref_n + pred_n - diag
+    in_ref, present = ref_n > 0, union > 0
+    iou = diag[present] / union[present]
+    return {"pixel_accuracy": float(diag.sum() / total),
+            "mean_pixel_accuracy": float(np.mean(diag[in_ref] / ref_n[in_ref])),
+            "mean_iou": float(iou.mean()),
+            "fw_iou": float((ref_n[present] * iou).sum() / total)}
 
 
 def distance_metrics(pred_surface: np.ndarray, ref_surface: np.ndarray, shape: Sequence[int], spacing: Sequence[float],
@@ -189,15 +234,17 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     """Metrics of a predicted label map against a reference, per class and per region of ``scheme``.
 
     Args:
-        pred, ref: integer label maps ``(X, Y[, Z])`` on the same grid, both in the convention of ``scheme``.
+        pred, ref: integer label maps ``(X, Y[, Z])`` on the same grid, both in the convention of ``scheme``
+            (label values, as :meth:`LabelScheme.decode` gives them). When the scheme ignores values, reference
+            voxels equal to :data:`~medseg.data.labels.IGNORE` are left out of every metric.
         spacing: voxel size in mm per axis (distances and volumes are in mm and mL).
         scheme: label scheme (name or object); regions (BraTS WT/TC/ET) are evaluated when it has them.
         settings: surface-Dice tolerance and the rule for empty masks.
 
     Returns:
         One row per class and region (``kind`` "class"/"region", ``target``) with the columns of
-        :data:`METRICS`, plus a row ``kind="case", target="all"`` with the multi-class ``pixel_accuracy`` and
-        ``mean_pixel_accuracy`` (mean over the classes present in the reference, background included).
+        :data:`METRICS`, plus a row ``kind="case", target="all"`` with the multi-class scores of
+        :data:`CASE_METRICS` (:func:`semantic_metrics`, background included).
 
     Raises:
         MedsegError: for arrays of different shapes or label values outside the scheme.
@@ -209,6 +256,15 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
         >>> row["target"], float(row["dice"]), float(row["hd95"]), round(float(row["ref_ml"]), 6)
         ('foreground', 1.0, 0.0, 0.036)
     """
+    return compute_metrics_confusion(pred, ref, spacing, scheme, settings)[0]
+
+
+def compute_metrics_confusion(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], scheme: str | LabelScheme = "labels",
+                              settings: MetricSettings = MetricSettings()) -> tuple[pd.DataFrame, list[int], np.ndarray]:
+    """:func:`compute_metrics` and the case's confusion matrix: ``(table, values, counts)`` with ``counts[i, j]``
+    the voxels of reference ``values[i]`` predicted ``values[j]`` (rows = reference, as scikit-learn's
+    ``confusion_matrix``), ignored voxels left out. ``values`` are the scheme's label values with 0 (generic
+    scheme: the values found in either map)."""
     scheme = get_scheme(scheme)
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
@@ -216,6 +272,12 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     if len(spacing) != ref.ndim:
         raise MedsegError(f"spacing {tuple(spacing)} has {len(spacing)} values for {ref.ndim}D arrays")
     pred, ref = _as_labels(pred, "prediction"), _as_labels(ref, "reference")
+    ignored = 0
+    if scheme.has_ignore:  # ignored voxels: background in both, then taken out of the [0, 0] count
+        mask = ref == IGNORE
+        ignored = int(np.count_nonzero(mask))
+        if ignored:
+            pred, ref = np.where(mask, 0, pred).astype(pred.dtype, copy=False), np.where(mask, 0, ref).astype(ref.dtype, copy=False)
     box = surf.bounding_box((pred != 0) | (ref != 0))
     box = box or tuple(slice(0, 0) for _ in ref.shape)
     p, r = np.ascontiguousarray(pred[box]), np.ascontiguousarray(ref[box])
@@ -226,10 +288,15 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     values = _present(p, r) if scheme.is_generic else list(scheme.values)
     values = values if values and values[0] == 0 else [0, *values]
     counts = confusion_matrix(p, r, values, outside=ref.size - p.size)
+    counts[0, 0] -= ignored
     if counts[-1].any() or counts[:, -1].any():  # values outside the scheme: the scheme names them
         scheme.check(p, "prediction")
         scheme.check(r, "reference")
-    return pd.DataFrame(_rows(p, r, counts[:-1, :-1], values, scheme, spacing, ref.shape, settings))
+        raise MedsegError(f"prediction: label value {IGNORE} marks ignored voxels of a reference in label scheme "
+                          f"'{scheme.name}'; a prediction holds label values only ({', '.join(map(str, scheme.values))})")
+    counts = counts[:-1, :-1]
+    table = pd.DataFrame(_rows(p, r, counts, values, scheme, spacing, ref.shape, settings))
+    return table, values, counts.T.copy()
 
 
 def _rows(p, r, counts, values, scheme, spacing, shape, settings) -> list[dict]:
@@ -253,8 +320,5 @@ def _rows(p, r, counts, values, scheme, spacing, shape, settings) -> list[dict]:
             row.update({m: float("nan") for m in DISTANCE_METRICS})
         row.update({"ref_ml": ref_n * voxel_ml, "pred_ml": pred_n * voxel_ml, "vol_diff_ml": (pred_n - ref_n) * voxel_ml})
         rows.append(row)
-    ref_counts = counts.sum(axis=0)
-    present = ref_counts > 0
-    rows.append({"kind": "case", "target": "all", "pixel_accuracy": float(np.trace(counts) / total),
-                 "mean_pixel_accuracy": float(np.mean(np.diag(counts)[present] / ref_counts[present]))})
+    rows.append({"kind": "case", "target": "all", **semantic_metrics(counts)})
     return rows
