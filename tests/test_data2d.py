@@ -177,6 +177,12 @@ def test_2d_images_train_predict_png_of_input_size_and_evaluate(tmp_path):
         with Image.open(image) as src, Image.open(out) as pred:
             assert pred.size == src.size and pred.mode == "L"
         assert (preds / f"{image.stem}_overlay.png").exists()
+    # a folder of images (no manifest) gives the same predictions
+    folder_preds = tmp_path / "folder_preds"
+    subprocess.run([*cmd, "predict", "--model", str(run), "--input", str(root / "images"), "--output", str(folder_preds)],
+                   check=True, timeout=600)
+    for out in preds.glob("img??.png"):
+        assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(folder_preds / out.name)))
     labels = np.concatenate([np.asarray(Image.open(p)).ravel() for p in preds.glob("img??.png")])
     assert set(np.unique(labels)) <= {0, 1}
     report = tmp_path / "report"

@@ -6,6 +6,7 @@ one CLI test measures for real on a tiny network.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import replace
@@ -493,3 +494,27 @@ def test_a_step_measured_under_load_says_so(monkeypatch):
     assert measure._other_load(torch.device("cpu")) == 2.3
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.2, 0.3))
     assert measure._other_load(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("name", ["polyp_endotect", "isbi2012_em"])
+def test_real_2d_image_sets_plan_2d_with_rgb_scaling(shared_data, tmp_path, name):
+    """Photographs and 8-bit microscopy: a 2D network, values divided by 255 (no per-image z-score), whole images."""
+    from medseg.data.layouts import build_manifest
+    from medseg.data.manifest import Manifest
+
+    full = build_manifest("isbi-em" if name == "isbi2012_em" else "auto", shared_data / name)
+    manifest = write_manifest(Manifest(full.channels, full.cases[:6], full.label_scheme), tmp_path / f"{name}.csv")
+    p = plan(manifest, tmp_path / f"{name}.yaml", timer=flops_timer(), progress=False)
+    assert p.design.network.spatial_dims == 2 and p.normalization == {"normalize": "rgb"}
+    pipeline = load_pipeline(tmp_path / f"{name}.yaml")
+    assert pipeline.preprocessing.normalize == "rgb" and pipeline.preprocessing.crop_foreground is False
+    assert pipeline.model.spatial_dims == 2 and len(pipeline.sampling.patch_size) == 2
+
+
+def test_8bit_2d_images_are_scaled_not_zscored():
+    flat = make_fp([(1.0, 1.0, 1.0)] * 2, [(64, 48, 1)] * 2, channels=("R", "G", "B"))
+    eight_bit = dataclasses.replace(flat, intensity={ch: IntensityStats(100.0, 20.0, 5.0, 250.0, 0.0, 255.0, 1000) for ch in flat.channels})
+    assert P.normalization(eight_bit)[0] == {"normalize": "rgb"}
+    assert P.normalization(flat)[0] == {"normalize": "zscore_nonzero"}  # values above 255: not 8-bit
+    volume = dataclasses.replace(eight_bit, cases=make_fp([(1.0,) * 3] * 2, [(40,) * 3] * 2, channels=("R", "G", "B")).cases)
+    assert P.normalization(volume)[0] == {"normalize": "zscore_nonzero"}  # 3D: MRI rules

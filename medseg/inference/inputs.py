@@ -113,6 +113,11 @@ def _from_folder(folder: Path, channels: Sequence[str]) -> list[CaseInput]:
         manifest = build_manifest(layout, folder.parent)  # an incomplete case is reported as such
         if folder.name in manifest.ids:
             return from_manifest(replace(manifest, cases=(manifest[folder.name],)), channels)
+    from medseg.data.images2d import IMAGE_2D_SUFFIXES
+
+    pictures = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_2D_SUFFIXES and not f.name.startswith("."))
+    if pictures:  # a folder of 2D images: one case per image, named by its file
+        return [CaseInput(f.stem, _single_file_channels(ImageRef(f), channels)) for f in pictures]
     if _looks_like_dicom(folder):
         if len(channels) != 1:
             raise MedsegError(f"{folder}: a DICOM series is one channel but the model needs {_channel_list(channels)}; "

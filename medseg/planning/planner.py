@@ -245,10 +245,19 @@ def choose_layout(fp: Fingerprint, spacing, budget: Budget, in_ch: int, out_ch: 
 
 
 # ---------------------------------------------------------------------------------------------- intensities, labels
+def images_8bit_2d(fp: Fingerprint) -> bool:
+    """2D images (or one pixel thick) whose every channel lies within 0..255: photographs, 8-bit microscopy."""
+    flat = all(len(c.shape) == 2 or c.shape[-1] == 1 for c in fp.cases)
+    return flat and all(0 <= s.min and s.max <= 255 for s in fp.intensity.values())
+
+
 def normalization(fp: Fingerprint) -> tuple[dict, str]:
     """CT (every channel CT): clip to the foreground 0.5/99.5 percentiles, z-score with the foreground mean and std
     (nnU-Net's CT scheme); otherwise z-score each image over its non-zero voxels (nnU-Net's scheme for MRI)."""
     ct = [ch for ch in fp.channels if fp.modalities[ch] == "ct"]
+    if not ct and images_8bit_2d(fp):
+        return {"normalize": "rgb"}, ("8-bit 2D images (photographs, microscopy): divided by 255, no per-image statistics, "
+                                      "so colour augmentation acts on real colours")
     if ct and len(ct) == len(fp.channels):
         s = [fp.intensity[ch] for ch in fp.channels]
         return ({"normalize": "ct", "ct_clip": [[round(x.percentile_00_5, 2), round(x.percentile_99_5, 2)] for x in s],

@@ -68,7 +68,8 @@ def _preprocessing_lines(plan: Plan) -> list[str]:
               else f"the sliced axis ({plan.layout.orientation[-1]}) last: 2D models slice the last axis")
     lines = [_line(0, "preprocessing", section=True), _line(2, "orientation", plan.layout.orientation, orient),
              _line(2, "spacing", d.spacing, plan.notes["spacing"]),
-             _line(2, "crop_foreground", True, "the fingerprint's shapes are of the cropped cases"),
+             (_line(2, "crop_foreground", False, "2D images are kept whole (a photograph has no empty background to crop)")
+              if norm["normalize"] == "rgb" else _line(2, "crop_foreground", True, "the fingerprint's shapes are of the cropped cases")),
              _line(2, "margin", 2), _line(2, "normalize", norm["normalize"], plan.notes["normalize"])]
     for key in ("ct_clip", "ct_mean", "ct_std"):
         if key in norm:
