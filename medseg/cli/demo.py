@@ -40,7 +40,9 @@ def run(args) -> int:
     from medseg.training.config import load_pipeline
     from medseg.training.trainer import train
 
-    out = Path(args.output)
+    from medseg.atomic import check_output_dir
+
+    out = check_output_dir(Path(args.output), "--output")
     progress = not args.no_progress and sys.stderr.isatty()
     overrides = [f"training.epochs={args.epochs}"] if args.epochs else []
     pipeline = load_pipeline(demo_pipeline_path(), overrides)

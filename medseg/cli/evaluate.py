@@ -41,8 +41,11 @@ def run(args) -> int:
     from medseg.errors import MedsegError
     from medseg.evaluation import MetricSettings, evaluate, write_report
 
+    from medseg.atomic import check_output_dir
+
     if args.workers < 1:
         raise MedsegError(f"--workers {args.workers}: give at least 1")
+    check_output_dir(args.output, "--output")  # before any case is evaluated
     result = evaluate(args.predictions, args.manifest, args.scheme, prediction_scheme=args.prediction_scheme,
                       settings=MetricSettings(tolerance_mm=args.tolerance, empty=args.empty), resample=args.resample,
                       workers=args.workers, progress=sys.stderr.isatty())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from medseg.data.layouts import LAYOUTS, build_manifest
-from medseg.data.manifest import assign_folds, write_manifest
+from medseg.data.manifest import assign_folds, check_fold_count, write_manifest
 
 EPILOG = """examples:
   medseg manifest --layout brats2018 ../shared/data/brats18 -o data_manifests/brats18.csv
@@ -43,12 +43,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from medseg.errors import MedsegError
+
+    if args.folds and args.folds < 2:
+        raise MedsegError(f"--folds {args.folds}: give 2 or more folds (5 is usual), or leave --folds out for none")
     notes: list[str] = []
     manifest = build_manifest(args.layout, *args.folders, label_scheme=args.label_scheme, notes=notes)
     for note in notes:
         print(note)
     if args.folds:
-        manifest = assign_folds(manifest, args.folds, args.seed)
+        manifest = assign_folds(manifest, check_fold_count(args.folds, len(manifest.cases)), args.seed)
     path = write_manifest(manifest, args.output)
     labelled = sum(1 for c in manifest.cases if c.label)
     print(f"{path}: {len(manifest)} cases, channels {', '.join(manifest.channels)}, {labelled} with labels, scheme {manifest.label_scheme}")

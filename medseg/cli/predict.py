@@ -17,8 +17,10 @@ EPILOG = """examples:
 Writes <OUTPUT>/<case_id>.nii.gz (uint8 labels of the model's scheme, same shape/affine/orientation as the first
 channel) and with --probabilities <case_id>_prob.nii.gz (float32, channels last). For a 2D image (PNG, JPEG, BMP,
 TIFF) the labels are <case_id>.png of the input's width and height (16-bit when labels exceed 255), and with
---overlay a colour overlay <case_id>_overlay.png. Cases whose output exists are skipped, so a killed run is
-continued by running the same command again.
+--overlay a colour overlay <case_id>_overlay.png. Cases whose output exists (a label map of the scan's shape) are
+skipped, so a killed run is continued by running the same command again; its temporary files are removed then.
+Inputs are checked as 'medseg validate' checks them (one grid, 3D, invertible affine, finite values) before any
+compute; --nan-policy zero sets NaN/infinite voxels to 0 instead, with a warning.
   medseg predict --model runs/polyp --input ../shared/data/polyp_endotect/images/X.jpg --output preds --overlay"""
 
 
@@ -33,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--probabilities", action="store_true", help="also write <id>_prob.nii.gz")
     p.add_argument("--overlay", action="store_true", help="2D images: also write <id>_overlay.png (labels in colour on the image)")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
+    p.add_argument("--nan-policy", choices=("error", "zero"), default="error",
+                   help="NaN/infinite input voxels: error (default), or zero = set them to 0 with a warning")
     p.add_argument("--shard", default=None, metavar="I/N", help="predict only shard I of N (default: torchrun's RANK/WORLD_SIZE)")
     g = p.add_argument_group("sliding window (default: the checkpoint's inference settings)")
     g.add_argument("--roi", type=int, nargs="+", default=None, metavar="N", help="window size per axis")
@@ -89,7 +93,7 @@ def run(args) -> int:
                "tta": args.tta, "amp": args.amp, "device": device, "stitch": args.stitch, "skip_empty": args.skip_empty,
                "threshold": args.threshold, "min_component_size": args.min_component_size, "et_min_voxels": args.et_min_voxels}
     written = predict(args.model, args.input, args.output, case_id=args.case_id, probabilities=args.probabilities,
-                      overwrite=args.overwrite, shard=shard, overlay=args.overlay, progress=not args.no_progress and sys.stderr.isatty(),
+                      overwrite=args.overwrite, shard=shard, overlay=args.overlay, nan_policy=args.nan_policy, progress=not args.no_progress and sys.stderr.isatty(),
                       **{k: v for k, v in options.items() if v is not None})
     labels = [p for p in written if not p.name.endswith(("_prob.nii.gz", "_overlay.png"))]
     print(f"{args.output}: {len(labels)} prediction(s) written" + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""))

@@ -13,7 +13,9 @@ EPILOG = """examples:
   torchrun --nproc_per_node 2 -m medseg train pipelines/brats_unet3d.yaml     multi-process (DDP)
   medseg train pipelines/brats_planned.yaml --folds all --output runs/cv    5-fold cross-validation + CV report
   medseg train pipelines/brats_planned.yaml --fold 2 --output runs/cv       one fold (runs/cv/fold_2)
-The run folder holds pipeline.yaml, checkpoints/{best,last}.pt, metrics.csv and tensorboard/ events. With --folds
+The run folder holds pipeline.yaml (as the run started), history.jsonl (each start and resume, with the changes a
+resume made: epochs, device, workers... — changes to what the run trains are refused), checkpoints/{best,last}.pt,
+metrics.csv, tensorboard/ events, and train.lock while a training writes there. With --folds
 all, RUN_DIR holds fold_K/ runs, cv/ (out-of-fold predictions and their report) and postprocessing.json (chosen on
 the out-of-fold predictions); 'medseg predict --model RUN_DIR' then averages the folds' models."""
 
@@ -31,6 +33,8 @@ def register(sub) -> None:
     folds = p.add_mutually_exclusive_group()
     folds.add_argument("--fold", type=int, default=None, metavar="K", help="train fold K of the manifest into RUN_DIR/fold_K")
     folds.add_argument("--folds", default=None, metavar="all|K,K", help="train these folds (all: every fold, then the CV report)")
+    p.add_argument("--nan-policy", choices=("error", "zero"), default="error",
+                   help="NaN/infinite image voxels: error (default), or zero = set them to 0 with a warning")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -55,10 +59,12 @@ def run(args) -> int:
         if args.extend_epochs is not None:
             raise MedsegError("--extend-epochs works on one run: give the fold's folder (RUN_DIR/fold_K) without --fold/--folds")
         run_dir = Path(args.output or pipeline.output_dir or Path("runs") / pipeline.name)
-        cv = train_folds(pipeline, run_dir, str(args.fold) if args.fold is not None else args.folds, args.resume, progress)
+        cv = train_folds(pipeline, run_dir, str(args.fold) if args.fold is not None else args.folds, args.resume, progress,
+                         nan_policy=args.nan_policy)
         print(f"{run_dir}: folds {sorted(cv['folds'])} trained" + ("; cross-validation report in cv/report" if cv["summary"] else ""))
         return 0
-    result = train(pipeline, run_dir=args.output, resume=args.resume, extend_epochs=args.extend_epochs, progress=progress)
+    result = train(pipeline, run_dir=args.output, resume=args.resume, extend_epochs=args.extend_epochs, progress=progress,
+                   nan_policy=args.nan_policy)
     if result["history"] and result["best_metric"] >= 0:
         print(f"{result['run_dir']}: {result['epochs']} epochs; best mean Dice {result['best_metric']:.4f} at epoch {result['best_epoch']}")
     elif result["history"]:

@@ -19,11 +19,11 @@ from typing import Sequence
 import numpy as np
 
 from medseg.atomic import atomic_path
+from medseg.data.checks import check_images
 from medseg.data.io import read_mask, read_volume
 from medseg.data.labels import IGNORE, LabelScheme
 from medseg.data.manifest import Case
 from medseg.data.preprocess import Prepared, Preprocessing
-from medseg.errors import MedsegError
 
 
 @dataclass
@@ -66,20 +66,20 @@ def _class_coords(label: np.ndarray | None, scheme: LabelScheme | None = None, m
     return out
 
 
-def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | None) -> CaseData:
+def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | None, nan_policy: str = "error") -> CaseData:
     """Read, check and preprocess one case; the label is decoded to label values by the scheme (0/255 masks,
-    thresholds, ignored values: see :mod:`medseg.data.labels`)."""
+    thresholds, ignored values: see :mod:`medseg.data.labels`).
+
+    The images and the label go through :func:`medseg.data.checks.check_images`, the check of ``medseg validate``
+    (one grid, 3D, invertible affine, finite values; ``nan_policy="zero"`` sets non-finite voxels to 0 with a
+    warning), before any preprocessing."""
     images = [read_volume(path) for path in case.images.values()]
     label_vol = read_mask(case.label) if case.label else None
-    first = images[0]
-    for name, vol in zip(case.images, images):
-        if not vol.same_grid(first, atol=1e-3):
-            raise MedsegError(f"case {case.id}: channel {name} is not on the grid of {next(iter(case.images))}; run 'medseg validate' on the manifest")
-    if label_vol is not None:
-        if not label_vol.same_grid(first, atol=1e-3):
-            raise MedsegError(f"case {case.id}: label {case.label} is not on the image grid; run 'medseg validate' on the manifest")
-        if scheme is not None:
-            label_vol = label_vol.with_array(scheme.decode(label_vol.array, f"case {case.id}: label {case.label}"))
+    where = [f"case {case.id}: {name} {path}" for name, path in case.images.items()]
+    images = check_images(images, list(case.images), where, label=label_vol, label_where=f"case {case.id}: label {case.label}",
+                          nan_policy=nan_policy)
+    if label_vol is not None and scheme is not None:
+        label_vol = label_vol.with_array(scheme.decode(label_vol.array, f"case {case.id}: label {case.label}"))
     prepared = preprocessing.apply(images, label_vol)
     label = None if prepared.label is None else prepared.label.astype(np.uint8 if prepared.label.max(initial=0) < 256 else np.int32)
     return CaseData(case.id, prepared.image, label, _class_coords(label, scheme), replace(prepared, image=None, label=None))
@@ -106,8 +106,9 @@ class CaseCache:
     """Prepared cases by id, loaded once (threads) and kept in memory; ``cache_dir`` adds a disk cache."""
 
     def __init__(self, cases: Sequence[Case], preprocessing: Preprocessing, scheme: LabelScheme | None,
-                 cache_dir: str | Path | None = None, workers: int = 2, progress: bool = False):
+                 cache_dir: str | Path | None = None, workers: int = 2, progress: bool = False, nan_policy: str = "error"):
         self.preprocessing = preprocessing
+        self.nan_policy = nan_policy
         self.scheme = scheme
         self.cache_dir = Path(cache_dir) if cache_dir else None
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -121,12 +122,13 @@ class CaseCache:
     def _key(self, case: Case) -> str:
         refs = [*case.images.values(), *([case.label] if case.label else [])]
         stamp = [(str(r), os.path.getmtime(r.path), os.path.getsize(r.path)) for r in refs]
-        blob = json.dumps([stamp, self.preprocessing.to_dict()], sort_keys=True).encode()
+        key = [stamp, self.preprocessing.to_dict()] + ([self.nan_policy] if self.nan_policy != "error" else [])
+        blob = json.dumps(key, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:16]
 
     def _load(self, case: Case) -> CaseData:
         if self.cache_dir is None:
-            return load_case(case, self.preprocessing, self.scheme)
+            return load_case(case, self.preprocessing, self.scheme, self.nan_policy)
         path = self.cache_dir / f"{case.id}_{self._key(case)}.npz"
         if path.exists():
             with np.load(path) as z:
@@ -134,7 +136,7 @@ class CaseCache:
                 if geometry is not None:  # a cache written before geometry was kept is prepared again
                     label = z["label"] if "label" in z.files else None
                     return CaseData(case.id, z["image"], label, _class_coords(label, self.scheme), geometry)
-        data = load_case(case, self.preprocessing, self.scheme)
+        data = load_case(case, self.preprocessing, self.scheme, self.nan_policy)
         with atomic_path(path, suffix=".npz") as tmp:
             arrays = {"image": data.image} | ({"label": data.label} if data.label is not None else {}) | _geometry_arrays(data.geometry)
             with open(tmp, "wb") as fh:

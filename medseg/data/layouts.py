@@ -126,7 +126,7 @@ def nnunet(root: Path) -> Manifest:
         channels = tuple(f"{c}_{i}" for i, c in enumerate(channels))
     ending = meta.get("file_ending", ".nii.gz")
     images_dir = root / "imagesTr"
-    ids = sorted({p.name[: -len(ending)][:-5] for p in images_dir.glob(f"*_0000{ending}")})
+    ids = sorted({p.name[: -len(ending)][:-5] for p in images_dir.glob(f"*_0000{ending}") if not p.name.startswith(".")})
     cases = []
     for case_id in ids:
         images = {}

@@ -32,6 +32,31 @@ from medseg.errors import MedsegError
 RESERVED = ("id", "label", "split", "fold", "label_scheme")
 
 
+def case_id_problem(case_id: object) -> str | None:
+    """Why ``case_id`` cannot name a case (its outputs are ``<id>.nii.gz`` files in the output folder), or ``None``.
+
+    A case id is not empty, holds no path separator (``/``, ``\\``) and no control character, is not ``.`` or
+    ``..`` and does not start with ``.`` (a hidden file, which evaluation does not read)."""
+    if not isinstance(case_id, str) or not case_id.strip():
+        return "is empty"
+    if "/" in case_id or "\\" in case_id:
+        return "holds a path separator ('/' or '\\'), so its outputs would be written outside the output folder"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in case_id):
+        return "holds a control character (tab, newline...)"
+    if case_id.startswith("."):
+        return "starts with '.' ('..' or a hidden file name)"
+    return None
+
+
+def check_case_id(case_id: object, where: str | None = None) -> str:
+    """``case_id`` when it can name a case (:func:`case_id_problem`), else a :class:`MedsegError` naming ``where``."""
+    problem = case_id_problem(case_id)
+    if problem:
+        raise MedsegError(f"{where + ': ' if where else ''}case id {case_id!r} {problem}; a case id names its output files: "
+                          "use letters, digits, '-', '_' and '.' (e.g. Brats18_2013_11_1)")
+    return case_id
+
+
 @dataclass(frozen=True)
 class Case:
     """One case: ``images`` maps channel name -> :class:`ImageRef` (in channel order); ``label`` may be ``None``.
@@ -46,6 +71,7 @@ class Case:
     fold: int | None = None
 
     def __post_init__(self) -> None:
+        check_case_id(self.id)
         object.__setattr__(self, "images", {ch: ImageRef.parse(ref) for ch, ref in self.images.items()})
         if self.label is not None:
             object.__setattr__(self, "label", ImageRef.parse(self.label))
@@ -187,6 +213,7 @@ def _case_from_row(row: Mapping[str, str], channels: tuple[str, ...], base: Path
     case_id = row.get("id", "")
     if not case_id:
         raise MedsegError(f"{path}: row {where} has an empty id; every case needs a unique id")
+    check_case_id(case_id, f"{path}: row {where}")
     missing = [ch for ch in channels if not row.get(ch)]
     if missing:
         raise MedsegError(f"{path}: case {case_id} has no image for channel(s) {missing}; every case needs all of {list(channels)}")
@@ -283,9 +310,23 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     return path
 
 
+def check_fold_count(n_folds: int, n_cases: int, where: str = "--folds") -> int:
+    """``n_folds`` when cross-validation can use it: 2 <= K <= the number of cases (every fold validates on at least
+    one case and trains on the others); else a :class:`MedsegError` with the range."""
+    if n_cases < 2:
+        raise MedsegError(f"{where} {n_folds}: cross-validation needs at least 2 cases and there are {n_cases}")
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or not 2 <= n_folds <= n_cases:
+        raise MedsegError(f"{where} {n_folds}: give 2 to {n_cases} folds (at most the number of cases); 5 is usual")
+    return n_folds
+
+
 def assign_folds(manifest: Manifest, n_folds: int = 5, seed: int = 0) -> Manifest:
-    """Assign cases to ``n_folds`` folds deterministically (a shuffled round-robin)."""
+    """Assign cases to ``n_folds`` folds deterministically (a shuffled round-robin); ``n_folds`` must be >= 1
+    (``medseg manifest --folds K`` also requires K <= the number of cases: :func:`check_fold_count`)."""
     import numpy as np
+
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 1:
+        raise MedsegError(f"folds: {n_folds!r} is not a number of folds; give a whole number >= 2, e.g. 5")
 
     order = np.random.default_rng(seed).permutation(len(manifest.cases))
     folds = {int(i): int(k % n_folds) for k, i in enumerate(order)}

@@ -7,7 +7,11 @@ Steps, each optional and described by :class:`Preprocessing` (stored as a dict i
 2. resample to a target spacing in mm (trilinear for images, nearest for labels) — only when asked; or, for 2D images
    of varying sizes, to a fixed ``size`` in pixels (``[width, height]``: "resize", undone exactly by ``invert``);
 3. crop to the bounding box of non-zero voxels in any channel (the head), plus a margin;
-4. z-score each channel over its non-zero voxels (background stays 0), via MONAI's ``NormalizeIntensity``;
+4. z-score each channel over its non-zero voxels (background stays 0; ``zscore``: over all voxels), in float64 so
+   that extreme but finite values (a header scale factor of 1e34) cannot overflow, after pulling far outliers in to
+   a fence of :data:`FENCE` times the 0.5-99.5 percentile range beyond those percentiles (a few corrupt voxels at
+   1e34 then cannot flatten the rest of the scan; no voxel of a normal MRI or CT scan lies that far out, so normal
+   data is normalised exactly as MONAI's ``NormalizeIntensity`` does, to float32 rounding);
    or, for CT (``normalize: ct``), clip each channel to fixed Hounsfield bounds and z-score it with a fixed mean
    and standard deviation (``ct_clip``, ``ct_mean``, ``ct_std``: the foreground 0.5/99.5 percentiles, mean and
    std of the training set, nnU-Net's CT scheme; ``medseg plan`` computes them);
@@ -209,11 +213,10 @@ class Preprocessing:
             return self._normalize_ct(stack)
         if self.normalize == "rgb":
             return normalize_rgb(stack, dtypes)
-        from monai.transforms import NormalizeIntensity
-
-        norm = NormalizeIntensity(nonzero=self.normalize == "zscore_nonzero", channel_wise=True, dtype=np.float32)
-        out = norm(stack)
-        return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
+        out = np.empty(stack.shape, np.float32)
+        for c in range(stack.shape[0]):
+            out[c] = zscore(stack[c], nonzero=self.normalize == "zscore_nonzero")
+        return out
 
     def _normalize_ct(self, stack: np.ndarray) -> np.ndarray:
         """Clip each channel to ``ct_clip``, then z-score it with ``ct_mean`` / ``ct_std`` (every voxel, no mask)."""
@@ -247,6 +250,36 @@ class Preprocessing:
             inverse = _invert_ornt(prepared.ornt)
             full = np.stack([nib.orientations.apply_orientation(c, inverse) for c in full])
         return np.ascontiguousarray(full)
+
+
+FENCE = 10.0  # zscore: values beyond the 0.5/99.5 percentiles by more than FENCE x their range are pulled in to there
+
+
+def zscore(channel: np.ndarray, nonzero: bool = True) -> np.ndarray:
+    """One channel z-scored over its non-zero voxels (``nonzero``; the others stay 0) or all voxels, as float32.
+
+    Statistics in float64 (no overflow for values near float32's limit); values further than :data:`FENCE` times
+    the 0.5-99.5 percentile range beyond those percentiles are clipped to that fence first. A constant channel is
+    only shifted (standard deviation taken as 1), a channel without non-zero voxels is returned as it is.
+    """
+    x = np.asarray(channel)
+    mask = x != 0 if nonzero else None
+    values = (x[mask] if mask is not None else x.ravel()).astype(np.float64)
+    if values.size == 0:
+        return x.astype(np.float32)
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    margin = FENCE * (hi - lo)
+    if values.min() < lo - margin or values.max() > hi + margin:
+        np.clip(values, lo - margin, hi + margin, out=values)
+    mean, std = values.mean(), values.std()
+    if not std > 0 or not np.isfinite(std):
+        std = 1.0
+    values = (values - mean) / std
+    if mask is None:
+        return values.astype(np.float32).reshape(x.shape)
+    out = x.astype(np.float32, copy=True)
+    out[mask] = values
+    return out
 
 
 def rgb_divisor(channel: np.ndarray, dtype: np.dtype | None = None) -> float:

@@ -2,7 +2,8 @@
 
 For each case: every file exists and reads; every image is 3D (or 2D for 2D datasets) unless a channel index
 selects a channel of a 4D file; all channels and the label share one grid (shape, and affine within a
-tolerance); image values are finite; label values belong to the label scheme. Each problem is one line naming
+tolerance); every image has an invertible affine and finite values (:mod:`medseg.data.checks`, the check that
+training and ``medseg predict`` apply too); label values belong to the label scheme. Each problem is one line naming
 the case, the file, what is wrong and how to fix it.
 """
 from __future__ import annotations
@@ -13,17 +14,21 @@ from typing import Iterable
 
 import numpy as np
 
+from medseg.data.checks import affine_problem, check_image, dims_problem, grid_problems, label_problem
 from medseg.data.io import read_mask, read_volume
 from medseg.data.labels import LabelScheme, get_scheme
 from medseg.data.manifest import Case, Manifest, read_manifest
 from medseg.errors import MedsegError, ValidationError
 
 
-def validate_case(case: Case, scheme: LabelScheme | None, atol: float = 1e-3, ndim: int | None = None) -> list[str]:
+def validate_case(case: Case, scheme: LabelScheme | None, atol: float = 1e-3, ndim: int | None = None,
+                  nan_policy: str = "error", warnings: list[str] | None = None) -> list[str]:
     """Problems of one case, one line each (empty when the case is valid).
 
-    The grid shared by most files of the case is the reference, so one misfit file is one problem even
-    when it is the first channel.
+    Images go through :func:`medseg.data.checks.check_image` (the check training and prediction apply too): 3D,
+    invertible affine, finite values (with ``nan_policy="zero"`` non-finite values are a warning, appended to
+    ``warnings``). The grid shared by most files of the case is the reference, so one misfit file is one problem
+    even when it is the first channel.
     """
     problems: dict[int, list[str]] = {}
     grids: list[tuple[int, str, tuple[int, ...], np.ndarray]] = []  # (file index, name, shape, affine)
@@ -36,12 +41,17 @@ def validate_case(case: Case, scheme: LabelScheme | None, atol: float = 1e-3, nd
         except MedsegError as err:
             found.append(f"case {case.id}: {err}")
             continue
-        if vol.array.ndim > 3 or (ndim is not None and vol.array.ndim != ndim):
-            found.append(
-                f"{where}: image is {vol.array.ndim}D with shape {vol.array.shape} where a {ndim or 3}D image is expected; "
-                "split 4D files into one file per channel or select a channel with 'file.nii.gz[N]' in the manifest"
-            )
+        problem = (label_problem(vol) if name == "label" else None) or dims_problem(vol, ndim)
+        if problem:
+            found.append(f"{where}: {problem}")
             continue
+        if name != "label":
+            checked = check_image(vol, where, ndim=ndim, nan_policy=nan_policy)
+            found += checked.problems
+            if warnings is not None:
+                warnings += checked.warnings
+            if affine_problem(vol):
+                continue  # reported; comparing a broken affine with the others would report it twice
         grids.append((index, name, vol.shape, vol.affine))
         if name == "label":
             if scheme is not None and scheme.decodes:
@@ -53,10 +63,7 @@ def validate_case(case: Case, scheme: LabelScheme | None, atol: float = 1e-3, nd
                 bad = scheme.unknown_values(vol.array)
                 if bad:
                     found.append(f"{where}: label values {bad[:5]} are not in scheme '{scheme.name}' (allowed {list(scheme.values) if not scheme.is_generic else 'non-negative integers'}); fix the label map or choose its scheme with --scheme")
-        elif vol.array.dtype.kind == "f" and not np.isfinite(vol.array).all():
-            count = int((~np.isfinite(vol.array)).sum())
-            found.append(f"{where}: {count} voxels are NaN or infinite; replace them (e.g. with 0) before training")
-    for index, name, shape, affine, problem in _grid_problems(grids, atol):
+    for index, name, shape, affine, problem in grid_problems(grids, atol):
         problems[index].insert(0, f"case {case.id}: {name} {files[index][1]}: {problem}")
     return [line for index in sorted(problems) for line in problems[index]]
 
@@ -95,33 +102,17 @@ def colour_problems(manifest: Manifest) -> list[str]:
     return []
 
 
-def _grid_problems(grids, atol: float):
-    """Files whose grid differs from the grid most files share (ties: the earliest file's)."""
-    def same(a, b) -> bool:
-        return a[2] == b[2] and bool(np.allclose(a[3], b[3], atol=atol))
-
-    if not grids:
-        return
-    reference = max(grids, key=lambda g: (sum(same(g, other) for other in grids), -g[0]))
-    ref_name = reference[1]
-    for grid in grids:
-        index, name, shape, affine = grid
-        if shape != reference[2]:
-            yield (*grid, f"shape {shape} differs from {ref_name} {reference[2]}; all channels and the label of a case must share one grid: resample it onto the {ref_name} image")
-        elif not same(grid, reference):
-            diff = float(np.abs(affine - reference[3]).max())
-            yield (*grid, f"affine differs from {ref_name} by up to {diff:.4g} mm (tolerance {atol}); all channels must share one grid: register/resample it onto the {ref_name} image or fix its header")
-
-
 def validate_manifest(manifest: Manifest | str | Path, scheme: str | dict | LabelScheme | None = None, *,
-                      atol: float = 1e-3, workers: int = 2, progress: bool = False) -> list[str]:
-    """Validate every case; returns the list of problems (one line each, empty when valid)."""
+                      atol: float = 1e-3, workers: int = 2, progress: bool = False, nan_policy: str = "error",
+                      warnings: list[str] | None = None) -> list[str]:
+    """Validate every case; returns the list of problems (one line each, empty when valid). With
+    ``nan_policy="zero"`` non-finite image values are not problems but warnings, appended to ``warnings``."""
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     scheme_obj = get_scheme(scheme or manifest.label_scheme) if (scheme or manifest.label_scheme) else None
     cases: Iterable[Case] = manifest.cases
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = pool.map(lambda c: validate_case(c, scheme_obj, atol), cases)
+        results = pool.map(lambda c: validate_case(c, scheme_obj, atol, nan_policy=nan_policy, warnings=warnings), cases)
         if progress:
             from tqdm import tqdm
 

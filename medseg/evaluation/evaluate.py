@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from medseg.data.checks import value_problem
 from medseg.data.images2d import IMAGE_2D_SUFFIXES
 from medseg.data.io import ImageRef, read_mask
 from medseg.data.labels import LabelScheme, get_scheme, list_schemes
@@ -167,6 +168,11 @@ def load_case(case: CaseInput, options: EvaluationOptions) -> tuple[Volume, np.n
     prediction's array on its grid, in the ground truth's label convention."""
     ref = read_mask(case.reference)
     pred = read_mask(case.prediction)
+    for what, path, vol in (("ground truth", case.reference, ref), ("prediction", case.prediction, pred)):
+        _, bad = value_problem(vol.array)
+        if bad:
+            raise MedsegError(f"case {case.id}: {what} {path}: {bad} voxels are NaN or infinite; a label map holds integer "
+                              "class values: fix or re-export it")
     try:
         if options.scheme.decodes:
             ref = ref.with_array(options.scheme.decode(ref.array, str(case.reference)))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medseg.data.io import ImageRef
-from medseg.data.manifest import Manifest, read_manifest
+from medseg.data.manifest import Manifest, check_case_id, read_manifest
 from medseg.errors import MedsegError
 
 MANIFEST_SUFFIXES = (".csv", ".json")
@@ -58,9 +58,13 @@ def resolve_inputs(paths: Sequence[str | Path], channels: Sequence[str], case_id
                               "give one file per channel")
         for ref in refs:
             _require(ref)
-        return [CaseInput(case_id or case_id_from_file(refs[0], channels), tuple(refs))]
+        if case_id is not None:
+            check_case_id(case_id, "--id")
+        return _checked_ids([CaseInput(case_id or case_id_from_file(refs[0], channels), tuple(refs))], refs[0])
     ref = refs[0]
     file = ref.path
+    if case_id is not None:
+        check_case_id(case_id, "--id")
     _require(ref)
     if file.is_file() and file.suffix.lower() in MANIFEST_SUFFIXES:
         cases = from_manifest(read_manifest(file), channels)
@@ -72,6 +76,14 @@ def resolve_inputs(paths: Sequence[str | Path], channels: Sequence[str], case_id
         if len(cases) != 1:
             raise MedsegError(f"--id names one case but {ref} holds {len(cases)} cases; drop --id")
         cases = [CaseInput(case_id, cases[0].images)]
+    return _checked_ids(cases, ref)
+
+
+def _checked_ids(cases: list[CaseInput], source) -> list[CaseInput]:
+    """Case ids name the output files: each one must stay inside the output folder (see
+    :func:`medseg.data.manifest.case_id_problem`)."""
+    for case in cases:
+        check_case_id(case.id, str(case.images[0] if case.images else source))
     return cases
 
 

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 
 from medseg.checkpoint import find_checkpoint, load_checkpoint
+from medseg.data.checks import check_images
 from medseg.data.images2d import IMAGE_2D_SUFFIXES
 from medseg.data.io import read_volume, write_volume
 from medseg.data.labels import LabelScheme, get_scheme
+from medseg.data.manifest import check_case_id
 from medseg.data.preprocess import Prepared, Preprocessing
 from medseg.data.volume import Volume
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, ValidationError
 from medseg.inference.engine import (InferenceSettings, autocast_dtype, channels_last_format, resolve_device,
                                      sliding_window)
 from medseg.inference.inputs import CaseInput, resolve_inputs
@@ -226,16 +228,19 @@ class Predictor:
         infer, post = settings_for(members[0], {**chosen, **{k: v for k, v in overrides.items() if v is not None}})
         return cls(members, infer, post, probabilities)
 
+    nan_policy = "error"  # NaN/infinite input voxels: "error", or "zero" (set to 0 with a warning); predict(nan_policy=...)
+
     def predict_volumes(self, images: Sequence[Volume]) -> Prediction:
-        """Label map (and probabilities) on the grid of ``images[0]`` for one scan's channels, in model order."""
+        """Label map (and probabilities) on the grid of ``images[0]`` for one scan's channels, in model order.
+
+        The channels are checked first as ``medseg validate`` checks them (:func:`medseg.data.checks.check_images`:
+        one grid, 3D, invertible affine, finite values), so a bad scan is an error before any compute."""
         channels = self.loaded.channels
         if len(images) != len(channels):
             raise MedsegError(f"{len(images)} channel image(s) given but the model needs {len(channels)} ({', '.join(channels)})")
+        where = [f"channel {name} {_source(vol)}" for name, vol in zip(channels, images)]
+        images = check_images(images, channels, where, nan_policy=self.nan_policy)
         first = images[0]
-        for name, vol in zip(channels[1:], images[1:]):
-            if not first.same_grid(vol, atol=1e-3):
-                raise MedsegError(f"channel {name} ({vol.meta.get('path', '?')}) has shape {vol.shape} / another affine than channel "
-                                  f"{channels[0]} ({first.shape}); all channels of a scan must share one grid: resample them onto the first")
         prep = self.loaded.preprocessing.apply(list(images))
         full = self.segmenter.probabilities(prep.image, prep)
         labels = self.segmenter.labels(full)
@@ -251,6 +256,7 @@ class Predictor:
         """Label map first: ``<id>.png`` for a 2D image (PNG, JPEG, BMP, TIFF input), ``<id>.nii.gz`` otherwise;
         then ``<id>_prob.nii.gz`` and ``<id>_overlay.png`` when asked for."""
         case_id, two_d = (case, False) if isinstance(case, str) else (case.id, is_image_2d(case.images[0].path))
+        check_case_id(case_id, str(output_dir))  # outputs stay inside output_dir
         output_dir = Path(output_dir)
         paths = [output_dir / f"{case_id}{'.png' if two_d else '.nii.gz'}"]
         if self.probabilities:
@@ -281,34 +287,52 @@ class Predictor:
         return written
 
 
+def _source(vol: Volume) -> str:
+    """The file a volume was read from, ``file[N]`` for one channel of a 4D or colour file."""
+    path = vol.meta.get("path", "(in memory)")
+    return f"{path}[{vol.meta['channel']}]" if vol.meta.get("channel") is not None else str(path)
+
+
 def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output: str | Path, *, case_id: str | None = None,
             probabilities: bool = False, overwrite: bool = False, shard: tuple[int, int] = (0, 1), progress: bool = False,
-            overlay: bool = False, **options) -> list[Path]:
+            overlay: bool = False, nan_policy: str = "error", **options) -> list[Path]:
     """Predict every case named by ``inputs`` with ``model``; write ``<output>/<case_id>.nii.gz`` per case
     (``<case_id>.png`` for 2D images, of the input's width and height; with ``overlay``, ``<case_id>_overlay.png``).
 
     Args:
         model: a run folder (``checkpoints/best.pt``, else ``last.pt``) or a checkpoint file.
         inputs: one scan's channel files, one file, a case or dataset folder, a manifest, or a DICOM folder.
-        output: folder for the predictions (created when the first one is written).
+        output: folder for the predictions (created when the first one is written; checked before anything is
+            computed). Temporary files that a killed run left there are removed.
         shard: ``(i, n)``: predict only cases ``i, i + n, i + 2n, ...`` (for several processes or machines).
-        overwrite: predict cases whose output already exists (they are skipped otherwise).
+        overwrite: predict cases whose output already exists. Otherwise they are skipped when their label map reads
+            and has the scan's shape, and predicted again (with a warning) when it does not.
+        nan_policy: NaN/infinite input voxels are an error (``"error"``) or set to 0 with a warning (``"zero"``).
         options: :class:`InferenceSettings` and :class:`PostprocessSettings` fields overriding the checkpoint's.
 
     Returns:
         The files written (label maps first per case).
     """
-    predictor = Predictor.from_checkpoint(model, probabilities=probabilities, **options)
-    predictor.overlay = overlay
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    cases = resolve_inputs(list(inputs), predictor.loaded.channels, case_id)
+    from medseg.atomic import check_output_dir, sweep_stale
+    from medseg.data.checks import check_nan_policy, warn
+
+    check_nan_policy(nan_policy)
+    output = check_output_dir(output, "--output")
     index, count = shard
     if not 0 <= index < count:
         raise MedsegError(f"shard {index}/{count}: the index must be within 0..{count - 1}")
+    predictor = Predictor.from_checkpoint(model, probabilities=probabilities, **options)
+    predictor.overlay = overlay
+    predictor.nan_policy = nan_policy
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    cases = resolve_inputs(list(inputs), predictor.loaded.channels, case_id)
     cases = cases[index::count]
-    output = Path(output)
-    todo = [c for c in cases if overwrite or not all(p.exists() for p in predictor.output_paths(c, output))]
+    removed = sweep_stale(output)
+    if removed:
+        warn([f"{output}: removed {len(removed)} temporary file(s) left by a killed run ({', '.join(p.name for p in removed[:3])}"
+              f"{' ...' if len(removed) > 3 else ''})"])
+    todo = [c for c in cases if overwrite or not _done(predictor, c, output)]
     written: list[Path] = []
     bar = None
     if progress and len(todo) > 0:
@@ -317,10 +341,64 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         bar = tqdm(total=len(todo), desc="predict", unit="case")
     for case in todo:
         images = [read_volume(p) for p in case.images]
-        written += predictor.write(predictor.predict_volumes(images), case, output, images)
+        try:
+            prediction = predictor.predict_volumes(images)
+        except ValidationError as err:  # the scan's check: name the case
+            raise ValidationError([f"case {case.id}: {line}" for line in err.problems]) from None
+        written += predictor.write(prediction, case, output, images)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(case.id)
     if bar is not None:
         bar.close()
     return written
+
+
+def _done(predictor: Predictor, case: CaseInput, output: Path) -> bool:
+    """True when every output of ``case`` exists and its label map reads with the shape of the scan's first channel;
+    a damaged label map (a partial copy, another case's file) is predicted again, with a warning."""
+    from medseg.data.checks import warn
+
+    paths = predictor.output_paths(case, output)
+    if not all(p.exists() for p in paths):
+        return False
+    try:
+        labels = read_volume(paths[0])
+    except MedsegError as err:
+        warn([f"case {case.id}: the existing output is unreadable ({str(err).splitlines()[0][:200]}); predicting the case again"])
+        return False
+    try:
+        expected = input_shape(case.images[0])
+    except MedsegError:
+        return False  # the input is reported when the case is predicted
+    got = labels.shape if labels.array.ndim <= 3 else None
+    if got != expected or labels.array.dtype.kind not in "ui":
+        what = f"shape {labels.array.shape}, type {labels.array.dtype}"
+        warn([f"case {case.id}: the existing output {paths[0]} is not a label map of the scan's shape {expected} ({what}); "
+              "predicting the case again"])
+        return False
+    return True
+
+
+def input_shape(ref) -> tuple[int, ...]:
+    """Spatial shape of an input image from its header when the format allows (NIfTI, 2D images), else read."""
+    from medseg.data.io import ImageRef
+
+    ref = ImageRef.parse(ref)
+    name = ref.path.name.lower()
+    if ref.path.is_file() and name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            return tuple(int(n) for n in nib.load(str(ref.path)).shape[:3])
+        except Exception:  # noqa: BLE001 - unreadable: read_volume says why
+            pass
+    elif ref.path.is_file() and ref.path.suffix.lower() in IMAGE_2D_SUFFIXES:
+        from PIL import Image
+
+        try:
+            with Image.open(ref.path) as im:
+                return (int(im.size[0]), int(im.size[1]), int(getattr(im, "n_frames", 1)))
+        except OSError:
+            pass
+    return read_volume(ref).shape

@@ -286,6 +286,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise MedsegError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise MedsegError(f"{path}: a pipeline is a mapping of sections (data:, model:, training: ...), not {type(data).__name__}; "
+                          "see pipelines/demo.yaml")
     for item in overrides or []:
         if "=" not in item:
             raise MedsegError(f"override '{item}': expected section.key=value, e.g. training.epochs=10")
@@ -296,7 +299,11 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise MedsegError(f"override '{item}': {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise MedsegError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]}); quote text "
+                              "and close brackets, e.g. sampling.patch_size=[64,64,64]") from None
     try:
         return parse_pipeline(data, path.parent)
     except MedsegError as err:

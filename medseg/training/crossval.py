@@ -63,11 +63,15 @@ def parse_folds(text: str, available: Sequence[int]) -> list[int]:
     return folds
 
 
-def train_folds(p: Pipeline, run_dir: str | Path, folds: str = "all", resume: bool = False, progress: bool = True) -> dict:
+def train_folds(p: Pipeline, run_dir: str | Path, folds: str = "all", resume: bool = False, progress: bool = True,
+                nan_policy: str = "error") -> dict:
     """Train the folds (``"all"`` or ``"0,2"``) into ``run_dir/fold_K``; with all folds done, summarise (module doc)."""
+    from medseg.atomic import check_output_dir
     from medseg.training.trainer import train
 
-    run_dir = Path(run_dir)
+    run_dir = check_output_dir(Path(run_dir), "--output")
+    if p.data.synthetic is not None and not (run_dir / "data" / "manifest.csv").exists():
+        setup.probe_model(p)  # a pipeline error before any data is generated
     p, manifest = cv_manifest(p, run_dir, progress)
     available = sorted({c.fold for c in manifest.cases if c.fold is not None})
     results = {}
@@ -75,7 +79,7 @@ def train_folds(p: Pipeline, run_dir: str | Path, folds: str = "all", resume: bo
         print(f"fold {k} ({sum(c.fold == k for c in manifest.cases)} validation cases) -> {run_dir / f'fold_{k}'}", flush=True)
         fold_dir = run_dir / f"fold_{k}"
         results[k] = train(fold_pipeline(p, k), run_dir=fold_dir, resume=resume and (fold_dir / "checkpoints" / "last.pt").exists(),
-                           progress=progress)
+                           progress=progress, nan_policy=nan_policy)
     done = [k for k in available if (run_dir / f"fold_{k}" / "checkpoints" / "last.pt").exists()]
     summary = summarize_cv(run_dir, manifest, available, progress) if done == available else None
     return {"run_dir": str(run_dir), "folds": results, "summary": summary}

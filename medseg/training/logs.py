@@ -1,4 +1,4 @@
-"""What a run reports: ``pipeline.yaml``, ``metrics.csv``, TensorBoard scalars, progress bars and one line per epoch.
+"""What a run reports: ``pipeline.yaml`` (written once, when the run starts), ``metrics.csv``, TensorBoard scalars, progress bars and one line per epoch.
 
 Only the main process writes; the others get a :class:`RunLog` that does nothing.
 """
@@ -15,12 +15,15 @@ from medseg.training.config import Pipeline
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, is_main: bool, progress: bool, start_epoch: int, p: Pipeline):
+    def __init__(self, run_dir: Path, is_main: bool, progress: bool, start_epoch: int, p: Pipeline, write_pipeline: bool = True):
+        """``write_pipeline``: write ``pipeline.yaml`` (when the run starts; a resumed run keeps the file it started with,
+        and its allowed changes go to ``history.jsonl``)."""
         self.run_dir, self.is_main, self.progress = run_dir, is_main, progress
         self.tb = None
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / "pipeline.yaml", yaml.safe_dump(p.to_dict(resolve_paths=True), sort_keys=False))
+            if write_pipeline:
+                write_text_atomic(run_dir / "pipeline.yaml", yaml.safe_dump(p.to_dict(resolve_paths=True), sort_keys=False))
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1)

@@ -112,6 +112,11 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def case_of(self, i: int) -> str:
+        """The id of the case sample ``i`` of the current epoch is drawn from (as :meth:`__getitem__` draws it)."""
+        rng = np.random.default_rng([self.p.seed, self.epoch, i * self.world + self.rank])
+        return self.cases[int(rng.integers(len(self.cases)))].id
+
     def __getitem__(self, i: int):
         p = self.p
         rng = np.random.default_rng([p.seed, self.epoch, i * self.world + self.rank])
@@ -125,9 +130,29 @@ class PatchDataset(torch.utils.data.Dataset):
         return torch.from_numpy(image), torch.from_numpy(make_target(label, self.scheme, p.data.target))
 
 
-def load_cases(p: Pipeline, manifest: Manifest, scheme: LabelScheme, run_dir: Path, progress: bool) -> CaseCache:
+def load_cases(p: Pipeline, manifest: Manifest, scheme: LabelScheme, run_dir: Path, progress: bool,
+               nan_policy: str = "error") -> CaseCache:
     pre = p.preprocessing
     cache_dir = None
     if p.data.cache == "disk":
         cache_dir = p.resolve(p.data.cache_dir) if p.data.cache_dir else run_dir / "cache"
-    return CaseCache(manifest.cases, pre, scheme, cache_dir=cache_dir, workers=p.data.workers or 1, progress=progress)
+    return CaseCache(manifest.cases, pre, scheme, cache_dir=cache_dir, workers=p.data.workers or 1, progress=progress,
+                     nan_policy=nan_policy)
+
+
+def probe_model(p: Pipeline) -> None:
+    """Build the network of a pipeline on synthetic data's channels and check its patch and window sizes, so that a
+    pipeline error (model arguments, sizes the network cannot take, a loss or scheme that does not fit) is reported
+    before the synthetic data is generated. The network is thrown away."""
+    from medseg.data.synthetic import BRATS_CHANNELS
+    from medseg.losses import create_loss
+    from medseg.training.steps import ModelStep
+
+    spec = p.data.label_scheme or "brats"
+    scheme = label_scheme(p, Manifest(BRATS_CHANNELS, (), spec))
+    p.augmentation.check(p.model.spatial_dims, len(BRATS_CHANNELS))
+    step = ModelStep.build(p, len(BRATS_CHANNELS), out_channels(scheme, p.data.target), torch.device("cpu"))
+    step.check_size(tuple(p.sampling.patch_size), "sampling.patch_size")
+    step.check_size(p.roi_size, "inference.roi_size")
+    create_loss(p.loss.name, p.data.target)
+    del step

@@ -18,6 +18,7 @@ Which model ``best.pt`` holds is ``training.model_selection``:
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from medseg.training.config import Pipeline
 from medseg.training.distributed import barrier, shutdown
 from medseg.training.logs import RunLog
 from medseg.training.optim import set_lr
-from medseg.training.run import Run, RunOptions, RunState
+from medseg.training.run import Run, RunOptions, RunState, run_folder, run_lock
 from medseg.training.validation import validate
 
 __all__ = ["train", "Run", "RunOptions", "train_epoch", "choose"]
@@ -54,18 +55,23 @@ def train_epoch(run: Run, epoch: int, log: RunLog) -> dict:
     losses, start, seen = [], time.perf_counter(), 0
     loader = _loader(run, epoch)
     bar = log.bar(len(loader), f"epoch {epoch + 1}/{run.epochs}")
-    for x, y in loader:
+    for batch, (x, y) in enumerate(loader):
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         with run.precision.autocast():
             loss = run.step.loss(x, y, run.loss)
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            raise _non_finite(run, epoch, batch, f"the training loss became {value}")
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         if run.p.training.grad_clip:
             run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), run.p.training.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.p.training.grad_clip)
+            if not run.precision.scaler and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
+                raise _non_finite(run, epoch, batch, f"the gradients became non-finite (norm {float(norm)})")
         run.scaler.step(run.optimizer)
         run.scaler.update()
-        losses.append(float(loss.detach()))
+        losses.append(value)
         seen += x.shape[0]
         if bar is not None:
             bar.update(1)
@@ -75,6 +81,26 @@ def train_epoch(run: Run, epoch: int, log: RunLog) -> dict:
     elapsed = time.perf_counter() - start
     return {"train_loss": float(np.mean(losses)), "lr": lr, "patches_per_s": seen * run.info.world_size / elapsed,
             "epoch_seconds": elapsed}
+
+
+def _non_finite(run: Run, epoch: int, batch: int, what: str) -> MedsegError:
+    """The error for a non-finite loss or gradient: where (epoch, batch, the cases its patches came from), that no
+    checkpoint of this epoch was written, and what to do."""
+    size = run.p.sampling.batch_size
+    cases = sorted({run.dataset.case_of(i) for i in range(batch * size, (batch + 1) * size) if i < len(run.dataset)})
+    return MedsegError(f"{run.run_dir}: {what} at epoch {epoch + 1}, batch {batch + 1} "
+                       f"(patches of case(s) {', '.join(cases)}); training stopped and no checkpoint of this epoch was written "
+                       f"(checkpoints/last.pt holds epoch {run.state.epoch}): check those cases with 'medseg validate', lower "
+                       "optimizer.lr or set training.grad_clip")
+
+
+def check_finite_weights(run: Run) -> None:
+    """A checkpoint is never written with NaN or infinite weights: an error naming the first such tensor."""
+    for name, tensor in run.step.bare_model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MedsegError(f"{run.run_dir}: the model's weights became NaN or infinite ({name}) during epoch {run.state.epoch + 1}; "
+                              f"training stopped and no checkpoint of this epoch was written (checkpoints/last.pt holds epoch "
+                              f"{run.state.epoch}): lower optimizer.lr, set training.grad_clip, or check the data with 'medseg validate'")
 
 
 def choose(state: RunState, row: dict, mode: str, smoothing: float, validated: bool) -> bool:
@@ -104,6 +130,7 @@ def _epoch(run: Run, epoch: int, log: RunLog) -> None:
     if not torch.isfinite(torch.tensor(row["train_loss"])):
         raise MedsegError(f"{run.run_dir}: the training loss became {row['train_loss']} in epoch {epoch + 1}; "
                           "lower optimizer.lr, set training.grad_clip, or check the data with 'medseg validate'")
+    check_finite_weights(run)
     if run.info.is_main:
         p = run.p
         due = (epoch + 1) % p.training.val_interval == 0 or epoch + 1 == run.epochs
@@ -124,7 +151,8 @@ def _epoch(run: Run, epoch: int, log: RunLog) -> None:
 
 def run_training(run: Run) -> dict:
     """Train ``run`` from its current epoch to ``run.epochs``; returns the run folder and the metric history."""
-    log = RunLog(run.run_dir, run.info.is_main, run.options.progress, run.state.epoch, run.p)
+    fresh = not run.options.resume or not (run.run_dir / "pipeline.yaml").exists()
+    log = RunLog(run.run_dir, run.info.is_main, run.options.progress, run.state.epoch, run.p, write_pipeline=fresh)
     if run.state.epoch >= run.epochs and run.info.is_main:
         print(f"{run.run_dir}: the run has finished its {run.epochs} epochs; to train longer pass --extend-epochs N (N > {run.epochs})")
     try:
@@ -140,12 +168,22 @@ def run_training(run: Run) -> dict:
 
 
 def train(pipeline: Pipeline, run_dir: str | Path | None = None, resume: bool = False, extend_epochs: int | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, nan_policy: str = "error") -> dict:
     """Train (or resume) the experiment of ``pipeline``; returns the run directory and the metric history.
+
+    The run folder is checked (a writable folder) and locked (``RUN/train.lock``) before anything is computed;
+    ``nan_policy="zero"`` sets NaN/infinite image voxels to 0 with a warning instead of stopping.
 
     Example:
         >>> from medseg.training.config import load_pipeline
         >>> result = train(load_pipeline("pipelines/demo.yaml"), run_dir="runs/demo")  # doctest: +SKIP
     """
-    run = Run.build(pipeline, RunOptions(Path(run_dir) if run_dir else None, resume, extend_epochs, progress))
-    return run_training(run)
+    from medseg.atomic import check_output_dir
+    from medseg.data.checks import check_nan_policy
+
+    check_nan_policy(nan_policy)
+    options = RunOptions(Path(run_dir) if run_dir else None, resume, extend_epochs, progress, nan_policy)
+    folder = check_output_dir(run_folder(pipeline, options), "--output")
+    with run_lock(folder, enabled=int(os.environ.get("RANK", "0")) == 0):
+        run = Run.build(pipeline, options)
+        return run_training(run)
