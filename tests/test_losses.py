@@ -42,6 +42,9 @@ def _reference(name: str, target: str):
         ("dice", "regions"): lambda: DiceLoss(sigmoid=True, include_background=True, batch=False, smooth_nr=S, smooth_dr=S),
         ("dice_ce", "labels"): lambda: DiceCELoss(**softmax, lambda_dice=1.0, lambda_ce=1.0),
         ("region_dice_bce", "regions"): _monai_region_dice_bce,
+        ("dice_squared", "labels"): lambda: DiceLoss(**softmax, squared_pred=True),
+        ("dice_squared", "regions"): lambda: DiceLoss(sigmoid=True, include_background=True, batch=False, smooth_nr=S,
+                                                      smooth_dr=S, squared_pred=True),
     }
     refs[("auto", "labels")], refs[("auto", "regions")] = refs[("dice_ce", "labels")], refs[("region_dice_bce", "regions")]
     return refs[(name, target)]()
@@ -74,7 +77,7 @@ def test_names_are_auto_and_the_registry():
 
 def test_every_registered_loss_has_a_reference():
     expected = {("auto", "labels"), ("auto", "regions"), ("dice", "labels"), ("dice", "regions"),
-                ("dice_ce", "labels"), ("region_dice_bce", "regions")}
+                ("dice_ce", "labels"), ("region_dice_bce", "regions"), ("dice_squared", "labels"), ("dice_squared", "regions")}
     assert set(PAIRS) == expected, "a new loss needs a MONAI reference in _reference()"
 
 

@@ -13,7 +13,7 @@ from medseg import __version__
 from medseg.errors import MedsegError
 
 # Sub-command modules, in the order ``medseg --help`` lists them.
-COMMANDS = ("demo", "manifest", "validate", "plan", "models", "train", "predict", "evaluate")
+COMMANDS = ("demo", "manifest", "validate", "plan", "models", "train", "predict", "evaluate", "segment")
 
 EPILOG = """examples:
   medseg demo --output medseg_demo                 synthetic data -> train -> predict -> Dice report
@@ -24,6 +24,7 @@ EPILOG = """examples:
   medseg train pipelines/brats_unet3d.yaml --output runs/unet3d [--resume]
   medseg predict --model runs/unet3d --input P01_flair.nii.gz P01_t1.nii.gz P01_t1ce.nii.gz P01_t2.nii.gz --output preds
   medseg evaluate --predictions preds --manifest cases.csv --output report
+  medseg segment grabcut --input photo.jpg --box 150 100 600 480 --output preds    (classical methods, no training)
 run 'medseg COMMAND --help' for the options and examples of each command."""
 
 

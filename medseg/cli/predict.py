@@ -56,6 +56,11 @@ def register(sub) -> None:
                    help="remove foreground components smaller than this")
     q.add_argument("--et-min-voxels", type=int, default=None, metavar="VOXELS",
                    help="relabel enhancing tumour as necrotic core when fewer voxels than this are ET (BraTS rule, e.g. 500)")
+    q.add_argument("--crf", action="store_true",
+                   help="refine the probabilities with a dense CRF on the scan before labelling (pip install pydensecrf2; docs/classical.md)")
+    p.add_argument("--model-module", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="import a module that registers models first (the checkpoint records the module it was trained "
+                        "with; give this when that file moved)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -83,6 +88,11 @@ def run(args) -> int:
     from medseg.inference.predictor import predict
 
     shard = parse_shard(args.shard)
+    if getattr(args, "model_module", None):
+        from medseg.models import load_model_module
+
+        for module in args.model_module:
+            load_model_module(module)
     device = args.device
     if device is None and "LOCAL_RANK" in os.environ:
         import torch
@@ -93,7 +103,8 @@ def run(args) -> int:
                "tta": args.tta, "amp": args.amp, "device": device, "stitch": args.stitch, "skip_empty": args.skip_empty,
                "threshold": args.threshold, "min_component_size": args.min_component_size, "et_min_voxels": args.et_min_voxels}
     written = predict(args.model, args.input, args.output, case_id=args.case_id, probabilities=args.probabilities,
-                      overwrite=args.overwrite, shard=shard, overlay=args.overlay, nan_policy=args.nan_policy, progress=not args.no_progress and sys.stderr.isatty(),
+                      overwrite=args.overwrite, shard=shard, overlay=args.overlay, nan_policy=args.nan_policy, crf=args.crf,
+                      progress=not args.no_progress and sys.stderr.isatty(),
                       **{k: v for k, v in options.items() if v is not None})
     labels = [p for p in written if not p.name.endswith(("_prob.nii.gz", "_overlay.png"))]
     print(f"{args.output}: {len(labels)} prediction(s) written" + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""))

@@ -13,6 +13,8 @@ EPILOG = """examples:
   torchrun --nproc_per_node 2 -m medseg train pipelines/brats_unet3d.yaml     multi-process (DDP)
   medseg train pipelines/brats_planned.yaml --folds all --output runs/cv    5-fold cross-validation + CV report
   medseg train pipelines/brats_planned.yaml --fold 2 --output runs/cv       one fold (runs/cv/fold_2)
+  medseg train my_pipeline.yaml --model-module my_models.py     a model of your own (registered in my_models.py)
+  medseg train my_pipeline.yaml --set model.name=monai:DynUNet   a MONAI network by name (docs/models.md)
 The run folder holds pipeline.yaml (as the run started), history.jsonl (each start and resume, with the changes a
 resume made: epochs, device, workers... — changes to what the run trains are refused), checkpoints/{best,last}.pt,
 metrics.csv, tensorboard/ events, and train.lock while a training writes there. With --folds
@@ -35,6 +37,9 @@ def register(sub) -> None:
     folds.add_argument("--folds", default=None, metavar="all|K,K", help="train these folds (all: every fold, then the CV report)")
     p.add_argument("--nan-policy", choices=("error", "zero"), default="error",
                    help="NaN/infinite image voxels: error (default), or zero = set them to 0 with a warning")
+    p.add_argument("--model-module", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="import a module that registers models (@medseg.models.register) before reading the pipeline; "
+                        "the checkpoint records it for 'medseg predict' (repeatable; or model.module in the pipeline)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -49,6 +54,11 @@ def run(args) -> int:
 
     if args.extend_epochs is not None and not args.resume:
         raise MedsegError("--extend-epochs continues an existing run: add --resume")
+    if args.model_module:
+        from medseg.models import load_model_module
+
+        for module in args.model_module:
+            load_model_module(module)
     pipeline = load_pipeline(args.pipeline, args.overrides)
     progress = not args.no_progress and sys.stderr.isatty()
     if args.fold is not None or args.folds is not None:

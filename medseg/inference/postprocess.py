@@ -6,7 +6,9 @@
 * :func:`keep_largest_component` — a region (or class) reduced to its largest connected component (nnU-Net's
   postprocessing, applied only where cross-validation shows it helps: ``medseg train --folds all`` chooses it);
 * :func:`relabel_small_enhancing` — the BraTS rule: when fewer than N voxels are enhancing tumour (ET), they are
-  relabelled as necrotic core (NCR), since a handful of ET voxels is more often a false positive than a lesion.
+  relabelled as necrotic core (NCR), since a handful of ET voxels is more often a false positive than a lesion;
+* :func:`crf_refine` — the probabilities refined by a dense CRF on the scan's intensities (``medseg predict --crf``,
+  :mod:`medseg.classical.crf`), before threshold / argmax.
 
 Sizes are counted in voxels of the grid the label map is on (the input scan's grid in ``medseg predict``).
 
@@ -146,6 +148,23 @@ def keep_largest_component(labels: np.ndarray, scheme: LabelScheme, names: tuple
         mask = labels == scheme.labels[name]
         out[mask & ~_largest(mask)] = 0
     return out
+
+
+def crf_refine(probabilities: np.ndarray, images, target: str, **options) -> np.ndarray:
+    """``(K, *spatial)`` probabilities on the grid of ``images`` (the scan's channel volumes) refined by a dense CRF
+    (:func:`medseg.classical.crf.dense_crf`; ``options`` are its keyword arguments). Softmax classes
+    (``target="labels"``) are refined jointly, sigmoid regions one at a time. A 2D image (one voxel thick) is refined
+    in 2D."""
+    from medseg.classical.crf import dense_crf
+
+    first = images[0]
+    image = np.stack([np.asarray(v.array, np.float32) for v in images], axis=-1)
+    two_d = image.ndim == 4 and image.shape[2] == 1
+    probs = probabilities[:, :, :, 0] if two_d else probabilities
+    image = image[:, :, 0, :] if two_d else image
+    spacing = first.spacing[:2] if two_d else first.spacing
+    refined = dense_crf(image, probs, spacing=spacing, softmax=target == "labels", **options)
+    return refined[:, :, :, None] if two_d else refined
 
 
 def postprocess(labels: np.ndarray, scheme: LabelScheme, settings: PostprocessSettings) -> np.ndarray:

@@ -243,6 +243,10 @@ class Predictor:
         first = images[0]
         prep = self.loaded.preprocessing.apply(list(images))
         full = self.segmenter.probabilities(prep.image, prep)
+        if self.crf is not None:  # dense CRF on the scan's own grid, before threshold / argmax
+            from medseg.inference.postprocess import crf_refine
+
+            full = crf_refine(full, images, self.loaded.target, **self.crf)
         labels = self.segmenter.labels(full)
         prob_vol = first.with_array(np.ascontiguousarray(np.moveaxis(full, 0, -1))) if self.probabilities else None
         return Prediction(first.with_array(labels), prob_vol)
@@ -251,6 +255,7 @@ class Predictor:
         return self.predict_volumes([read_volume(p) for p in case.images])
 
     overlay = False  # also write <id>_overlay.png for 2D images (set by predict(overlay=True))
+    crf: dict | None = None  # dense-CRF options ({} = defaults) refining the probabilities (set by predict(crf=...))
 
     def output_paths(self, case: CaseInput | str, output_dir: Path) -> list[Path]:
         """Label map first: ``<id>.png`` for a 2D image (PNG, JPEG, BMP, TIFF input), ``<id>.nii.gz`` otherwise;
@@ -295,7 +300,7 @@ def _source(vol: Volume) -> str:
 
 def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output: str | Path, *, case_id: str | None = None,
             probabilities: bool = False, overwrite: bool = False, shard: tuple[int, int] = (0, 1), progress: bool = False,
-            overlay: bool = False, nan_policy: str = "error", **options) -> list[Path]:
+            overlay: bool = False, nan_policy: str = "error", crf: bool | dict = False, **options) -> list[Path]:
     """Predict every case named by ``inputs`` with ``model``; write ``<output>/<case_id>.nii.gz`` per case
     (``<case_id>.png`` for 2D images, of the input's width and height; with ``overlay``, ``<case_id>_overlay.png``).
 
@@ -308,6 +313,9 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         overwrite: predict cases whose output already exists. Otherwise they are skipped when their label map reads
             and has the scan's shape, and predicted again (with a warning) when it does not.
         nan_policy: NaN/infinite input voxels are an error (``"error"``) or set to 0 with a warning (``"zero"``).
+        crf: refine the probabilities with a dense CRF on the scan (:func:`medseg.inference.postprocess.crf_refine`)
+            before the labels are taken: True for the defaults, or a dict of its options; needs pydensecrf2.
+            The probabilities written (``probabilities=True``) are then the refined ones.
         options: :class:`InferenceSettings` and :class:`PostprocessSettings` fields overriding the checkpoint's.
 
     Returns:
@@ -323,6 +331,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         raise MedsegError(f"shard {index}/{count}: the index must be within 0..{count - 1}")
     predictor = Predictor.from_checkpoint(model, probabilities=probabilities, **options)
     predictor.overlay = overlay
+    predictor.crf = (dict(crf) if isinstance(crf, dict) else {}) if crf else None
     predictor.nan_policy = nan_policy
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]

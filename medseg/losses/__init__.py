@@ -6,6 +6,8 @@ name                target                    what
 ``dice``            labels or regions         soft Dice (softmax over classes / sigmoid per region)
 ``dice_ce``         labels                    soft Dice + cross-entropy (nnU-Net's default)
 ``region_dice_bce`` regions                   sigmoid Dice + binary cross-entropy per region (BraTS WT/TC/ET)
+``dice_squared``    labels or regions         soft Dice with squared terms in the denominator, 1 - 2·Σpt / (Σp² + Σt²)
+                                              (Milletari 2016, Myronenko 2018; MONAI ``squared_pred=True``)
 =================== ========================= =================================================
 
 ``auto`` picks ``dice_ce`` for labels and ``region_dice_bce`` for regions; :func:`loss_names` lists the valid
@@ -116,12 +118,13 @@ class _IgnoreAware(nn.Module):
     averaged over the voxels that are not ignored.
     """
 
-    def __init__(self, loss: nn.Module, with_ce: bool):
+    def __init__(self, loss: nn.Module, with_ce: bool, squared: bool = False):
         super().__init__()
         from monai.losses import DiceLoss
 
         self.loss, self.with_ce = loss, with_ce
-        self.masked_dice = DiceLoss(include_background=False, batch=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH)
+        self.masked_dice = DiceLoss(include_background=False, batch=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH,
+                                    squared_pred=squared)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -160,6 +163,14 @@ def _region_dice_bce(target: str) -> nn.Module:
     if target != "regions":
         raise MedsegError("loss.name: region_dice_bce needs data.target: regions (sigmoid); for labels use dice_ce")
     return _RegionDiceBCE()
+
+
+@register("dice_squared")
+def _dice_squared(target: str) -> nn.Module:
+    from monai.losses import DiceLoss
+
+    loss = _Float32(DiceLoss(**_dice_settings(target), squared_pred=True))
+    return loss if target == "regions" else _IgnoreAware(loss, with_ce=False, squared=True)
 
 
 class DeepSupervisionLoss(nn.Module):

@@ -10,7 +10,9 @@ Conventions: ``forward(x: (B, in_channels, *S))`` returns ONE tensor ``(B, out_c
 Training uses ``forward_train(x) -> TrainOutput(seg, aux, extra_loss)`` (:func:`forward_train` for any module):
 models with deep supervision (``unetpp``, ``dynunet``, ``deep_supervision=True``) give their auxiliary logits in
 ``aux`` (finest first), ``segresnet_vae`` its VAE regulariser in ``extra_loss``. Nothing is stored on the module,
-so forward passes are re-entrant. See ``docs/models.md``.
+so forward passes are re-entrant. Presets reproduce papers (``unet(preset="cicek2016")``, ``vnet(preset=
+"milletari2016")``, ``segresnet_vae(preset="myronenko2018")``, ``unetpp(preset="zhou2018")``) or MONAI's layout
+(``preset="monai"``). Other people's models: ``monai:ClassName`` and :func:`load_model_module`. See ``docs/models.md``.
 
 Example:
     >>> import torch
@@ -26,8 +28,9 @@ from medseg.models.registry import (MODELS, ModelEntry, build_from_config, creat
                                     model_config, register)
 
 # Importing the model modules fills the registry.
-from medseg.models import (deeplab, dynunet, fcn, pspnet, resunetpp, segnet, segresnet, unet,  # noqa: E402,F401  isort: skip
-                           unetpp, vnet)
+from medseg.models import (danet, deconvnet, deeplab, dynunet, fcn, hrnet, pspnet, refinenet, resunetpp,  # noqa: E402,F401  isort: skip
+                           segnet, segresnet, unet, unetpp, vnet)
+from medseg.models.registry import load_entry_points, load_model_module  # noqa: E402
 
-__all__ = ["MODELS", "ModelEntry", "SegmentationModel", "build_from_config", "check_input_size", "create_model",
+__all__ = ["MODELS", "ModelEntry", "load_entry_points", "load_model_module", "SegmentationModel", "build_from_config", "check_input_size", "create_model",
            "get_entry", "list_models", "model_config", "register", "valid_input_size", "TrainOutput", "forward_train"]

@@ -95,11 +95,16 @@ class SegmentationModel(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.size_divisor: tuple[int, ...] = (1,) * spatial_dims
         self.min_size: tuple[int, ...] = (1,) * spatial_dims
+        self.max_size: tuple[int, ...] | None = None
         self.size_note = ""
 
-    def set_size_rule(self, divisor: int | Sequence[int], note: str = "", min_size: int | Sequence[int] | None = None) -> None:
+    def set_size_rule(self, divisor: int | Sequence[int], note: str = "", min_size: int | Sequence[int] | None = None,
+                      max_size: int | Sequence[int] | None = None) -> None:
+        """Each axis a multiple of ``divisor``, at least ``min_size`` (default: the divisor) and, for networks with a
+        fixed input size (a transformer's position embedding, a dense layer), at most ``max_size``."""
         self.size_divisor = as_tuple(divisor, self.spatial_dims, "size divisor")
         self.min_size = as_tuple(min_size, self.spatial_dims, "min size") if min_size is not None else self.size_divisor
+        self.max_size = as_tuple(max_size, self.spatial_dims, "max size") if max_size is not None else None
         self.size_note = note
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -120,14 +125,22 @@ def _label(model: nn.Module) -> str:
 
 
 def _size_rules(model: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    div, mins, _ = _size_rules_max(model)
+    return div, mins
+
+
+def _size_rules_max(model: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None]:
     from medseg.models.registry import unwrap
 
     model = unwrap(model)
     if not hasattr(model, "size_divisor"):
-        raise MedsegError(f"{type(model).__name__} has no size_divisor; build models with medseg.models.create_model")
+        raise MedsegError(f"{type(model).__name__} has no input-size rule (size_divisor): it was not built by "
+                          "medseg.models.create_model; register it (medseg.models.register, or 'monai:ClassName' for a "
+                          "MONAI network) and build it with create_model(name, ...), which declares or infers the rule")
     n = model.spatial_dims
     div = as_tuple(model.size_divisor, n, "size divisor")
-    return div, as_tuple(getattr(model, "min_size", div), n, "min size")
+    maxs = getattr(model, "max_size", None)
+    return div, as_tuple(getattr(model, "min_size", div), n, "min size"), (as_tuple(maxs, n, "max size") if maxs else None)
 
 
 def _round_up(s: int, d: int, m: int) -> int:
@@ -141,10 +154,18 @@ def _round_down(s: int, d: int, m: int) -> int | None:
 
 def check_input_size(model: nn.Module, spatial_shape: Sequence[int]) -> None:
     """Raise :class:`MedsegError` naming the nearest accepted sizes if ``spatial_shape`` is not accepted."""
-    div, mins = _size_rules(model)
+    div, mins, maxs = _size_rules_max(model)
     shape = tuple(int(s) for s in spatial_shape)
     if len(shape) != len(div):
         raise MedsegError(f"spatial size {shape} has {len(shape)} axes but {_label(model)} is {len(div)}D")
+    if maxs is not None and all(s % d == 0 and m <= s <= x for s, d, m, x in zip(shape, div, mins, maxs)):
+        return
+    if maxs is not None:
+        fixed = mins == maxs
+        rule = f"exactly {maxs}" if fixed else f"between {mins} and {maxs}, a multiple of {div}"
+        raise MedsegError(f"spatial size {shape} is not accepted by {_label(model)}: its input size is fixed at build time, "
+                          f"each axis must be {rule}; use {tuple(min(max(s + (-s) % d, m), x) for s, d, m, x in zip(shape, div, mins, maxs))} "
+                          "(as the patch and the sliding-window size)")
     if all(s % d == 0 and s >= m for s, d, m in zip(shape, div, mins)):
         return
     up = tuple(_round_up(s, d, m) for s, d, m in zip(shape, div, mins))
@@ -172,7 +193,11 @@ def valid_input_size(model_or_name: nn.Module | str, size: Sequence[int], spatia
             model = create_model(model_or_name, spatial_dims=spatial_dims or len(size), **kwargs)
     else:
         model = model_or_name
-    div, mins = _size_rules(model)
+    div, mins, maxs = _size_rules_max(model)
     if len(size) != len(div):
         raise MedsegError(f"size {tuple(size)} has {len(size)} axes but the model is {len(div)}D")
-    return tuple(_round_up(int(s), d, m) for s, d, m in zip(size, div, mins))
+    out = tuple(_round_up(int(s), d, m) for s, d, m in zip(size, div, mins))
+    if maxs is not None and any(o > x for o, x in zip(out, maxs)):
+        raise MedsegError(f"size {tuple(size)} is larger than {_label(model)} accepts (at most {maxs}, fixed at build time); "
+                          f"use windows of {maxs} (sliding window)")
+    return out

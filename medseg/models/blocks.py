@@ -202,3 +202,127 @@ class AttentionGate(nn.Module):
         if g.shape[2:] != x.shape[2:]:
             g = interpolate(g, x.shape[2:])
         return x * self.psi(F.relu(self.wx(x) + g))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck: 1x1 (``width``) - 3x3 (stride) - 1x1 (``width * 4``) conv-norm, ReLU after the sum with a
+    (projected) shortcut. ``x: (B, cin, *S) -> (B, 4 * width, *S / stride)``."""
+
+    expansion = 4
+
+    def __init__(self, dims: int, cin: int, width: int, stride: int = 1, norm: Optional[str] = "batch"):
+        super().__init__()
+        cout = width * self.expansion
+        self.body = nn.Sequential(ConvNormAct(dims, cin, width, 1, norm=norm), ConvNormAct(dims, width, width, 3, stride, norm=norm),
+                                  conv(dims, width, cout, 1, bias=False), globals()["norm"](norm, dims, cout))
+        self.skip = (nn.Identity() if cin == cout and stride == 1 else
+                     nn.Sequential(conv(dims, cin, cout, 1, stride, bias=False), globals()["norm"](norm, dims, cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.skip(x))
+
+
+class ResidualConvUnit(nn.Module):
+    """RefineNet's RCU (Lin 2017): ``x + conv(relu(conv(relu(x))))``, 3x3 convs, no normalisation. Shape-preserving."""
+
+    def __init__(self, dims: int, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.ReLU(), conv(dims, channels, channels, 3), nn.ReLU(inplace=True),
+                                  conv(dims, channels, channels, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ChainedResidualPool(nn.Module):
+    """RefineNet's chained residual pooling: ReLU, then ``n`` blocks of 5x5 max-pooling (stride 1) + 3x3 conv, each
+    block fed by the previous one and every block's output added to the sum. Shape-preserving."""
+
+    def __init__(self, dims: int, channels: int, n: int = 2, pool: int = 5):
+        super().__init__()
+        self.pool = Pool[Pool.MAX, dims](pool, stride=1, padding=pool // 2)
+        self.convs = nn.ModuleList([conv(dims, channels, channels, 3, bias=False) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(x)
+        total, path = x, x
+        for c in self.convs:
+            path = c(self.pool(path))
+            total = total + path
+        return total
+
+
+class PositionAttention(nn.Module):
+    """DANet's position attention module (Fu 2019): every position attends to every other one,
+    ``x + gamma * V softmax(Q^T K)^T`` with 1x1 query/key convs to ``C / reduction`` channels; ``gamma`` starts at 0.
+    ``x: (B, C, *S) -> (B, C, *S)``; memory ``(prod S)^2`` per sample."""
+
+    def __init__(self, dims: int, channels: int, reduction: int = 8):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.query, self.key = conv(dims, channels, hidden, 1), conv(dims, channels, hidden, 1)
+        self.value = conv(dims, channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        q = self.query(x).flatten(2).transpose(1, 2)               # (B, N, h)
+        k = self.key(x).flatten(2)                                 # (B, h, N)
+        attn = torch.softmax(torch.bmm(q, k), dim=-1)              # (B, N, N)
+        v = self.value(x).flatten(2)                               # (B, C, N)
+        out = torch.bmm(v, attn.transpose(1, 2)).view_as(x)
+        return x + self.gamma * out
+
+
+class ChannelAttention(nn.Module):
+    """DANet's channel attention module: ``x + beta * softmax(max(E) - E) X`` with ``E = X X^T`` (C x C);
+    ``beta`` starts at 0. Shape-preserving."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)                                        # (B, C, N)
+        energy = torch.bmm(flat, flat.transpose(1, 2))             # (B, C, C)
+        energy = energy.amax(-1, keepdim=True).expand_as(energy) - energy
+        out = torch.bmm(torch.softmax(energy, dim=-1), flat).view_as(x)
+        return x + self.beta * out
+
+
+class ObjectContext(nn.Module):
+    """OCR (Yuan 2020): object-contextual representations of ``feats (B, C, *S)`` given soft object regions
+    ``regions (B, K, *S)`` (logits).
+
+    Object region representations ``f_k = sum_i softmax_i(regions_k) x_i``; pixel-region relations
+    ``w_ik = softmax_k(phi(x_i) . psi(f_k) / sqrt(key))``; object context ``y_i = rho(sum_k w_ik delta(f_k))``; output
+    ``g(cat(y_i, x_i))`` (1x1 conv-norm-ReLU, dropout). phi, psi: two 1x1 conv-norm-ReLU to ``key_channels``; delta,
+    rho: one. ``-> (B, C, *S)``. Simplification: psi and delta (on the K region vectors) have no normalisation
+    (batch norm over K values fails for one class at batch size 1); the reference code uses BN-ReLU there."""
+
+    def __init__(self, dims: int, channels: int, key_channels: int, norm: Optional[str] = "batch", dropout_p: float = 0.05):
+        super().__init__()
+
+        def cnr(a: int, b: int) -> nn.Module:
+            return ConvNormAct(dims, a, b, 1, norm=norm)
+
+        self.dims = dims
+        self.key_channels = key_channels
+        self.pixel = nn.Sequential(cnr(channels, key_channels), cnr(key_channels, key_channels))
+        self.object = nn.Sequential(ConvNormAct(dims, channels, key_channels, 1, norm="none"),
+                                    ConvNormAct(dims, key_channels, key_channels, 1, norm="none"))
+        self.down = ConvNormAct(dims, channels, key_channels, 1, norm="none")
+        self.up = cnr(key_channels, channels)
+        self.fuse = nn.Sequential(cnr(2 * channels, channels), dropout(dims, dropout_p))
+
+    def forward(self, feats: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        b, c = feats.shape[:2]
+        probs = torch.softmax(regions.flatten(2), dim=-1)                         # (B, K, N)
+        objects = torch.bmm(probs, feats.flatten(2).transpose(1, 2))              # (B, K, C)
+        objects = objects.transpose(1, 2).reshape(b, c, -1, *([1] * (self.dims - 1)))  # (B, C, K, 1[, 1]) for 1x1 convs
+        query = self.pixel(feats).flatten(2).transpose(1, 2)                      # (B, N, key)
+        key = self.object(objects).flatten(2)                                     # (B, key, K)
+        value = self.down(objects).flatten(2).transpose(1, 2)                     # (B, K, key)
+        sim = torch.softmax(torch.bmm(query, key) * self.key_channels ** -0.5, dim=-1)  # (B, N, K)
+        context = torch.bmm(sim, value).transpose(1, 2).reshape(b, self.key_channels, *feats.shape[2:])
+        return self.fuse(torch.cat([self.up(context), feats], 1))

@@ -12,7 +12,21 @@
 
 ``forward(x)`` returns only the segmentation ``(B, out_channels, *S)``; the VAE branch is skipped.
 ``forward_train(x)`` returns ``TrainOutput(seg, extra_loss=vae_loss)`` with ``vae_loss = vae_l2_weight * mean((recon - x)^2)
-+ vae_kl_weight * KL``, ``KL = mean(mu^2 + sigma^2 - log(sigma^2) - 1)`` (weights 0.1 and 0.1 in the paper).
++ vae_kl_weight * KL`` (weights 0.1 and 0.1 in the paper) and, by ``kl_normalization``:
+
+* ``"latent"`` (default, the former behaviour): ``KL = mean over the latent dimensions of (mu^2 + sigma^2 - log sigma^2 - 1)``;
+* ``"voxels"`` (the paper: "N is the total number of image voxels"): ``KL = sum over the latent dimensions / N``
+  with ``N`` the input's voxels per sample (160·192·128 = 3,932,160 for the paper's crop, so ~3·10^4 times weaker
+  than "latent" with 128 latent dimensions). Both are averaged over the batch.
+
+``preset="myronenko2018"`` is the paper's network and regulariser: 32 initial filters, blocks 1, 2, 2, 4 / 1, 1, 1,
+group norm (8 groups), spatial dropout 0.2 after the initial convolution, linear up-sampling, a plain 1x1x1 output
+convolution (no norm/ReLU before it), a 128-d latent, ``kl_normalization="voxels"``, weights 0.1 / 0.1, and the VAE
+input size set by ``medseg train`` to ``sampling.patch_size`` (outside a pipeline: ``vae_input_size`` or the paper's
+160x192x128); with ``loss.name: auto`` the pipeline's loss becomes ``dice_squared`` (the paper's soft Dice with
+squared terms in the denominator). Remaining differences: the encoder predicts the log-variance (the paper: the
+standard deviation), clamped to ±20; L2 is the mean squared error per voxel (the paper writes ||I - I_pred||²₂; a
+sum over 4·160·192·128 voxels would outweigh the Dice term ~10^7 times, and MONAI uses the mean too).
 
 Any input size the encoder accepts (multiples of 8) works with the VAE: the paper flattens a fixed
 ``16 x S/16`` map, so its dense layers are sized for ``vae_input_size`` (default 160x192x128, the paper's crop);
@@ -40,7 +54,7 @@ from monai.networks.nets import SegResNet as _MonaiSegResNet
 
 from medseg.errors import MedsegError
 from medseg.models.base import SegmentationModel, TrainOutput, as_tuple
-from medseg.models.blocks import Upsample, adaptive_avg_pool, conv, interpolate, norm as make_norm
+from medseg.models.blocks import Upsample, adaptive_avg_pool, choose, conv, dropout, interpolate, norm as make_norm
 from medseg.models.registry import register
 
 PAPER = "Myronenko 2018, 3D MRI brain tumor segmentation using autoencoder regularization (BrainLes, MICCAI)"
@@ -102,15 +116,21 @@ class SegResNetVAE(SegmentationModel):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_filters: int = 32,
                  blocks_down: Sequence[int] = (1, 2, 2, 4), blocks_up: Sequence[int] = (1, 1, 1), num_groups: int = 8,
                  upsample: str = "interp", vae_input_size: Optional[Sequence[int]] = None, latent_dim: int = 128,
-                 vae_l2_weight: float = 0.1, vae_kl_weight: float = 0.1):
+                 vae_l2_weight: float = 0.1, vae_kl_weight: float = 0.1, kl_normalization: str = "latent",
+                 dropout_prob: float = 0.0, head_norm: bool = True):
         super().__init__(spatial_dims, in_channels, out_channels)
         dims, f = spatial_dims, init_filters
+        if isinstance(vae_input_size, str):
+            raise MedsegError(f"segresnet_vae: vae_input_size={vae_input_size!r} is filled in by 'medseg train' from "
+                              "sampling.patch_size; outside a pipeline give the size, e.g. vae_input_size=(160, 192, 128)")
+        self.kl_normalization = choose(kl_normalization, ("latent", "voxels"), "kl_normalization")
         if len(blocks_up) != len(blocks_down) - 1:
             raise MedsegError(f"segresnet_vae: blocks_up {list(blocks_up)} needs len(blocks_down) - 1 entries")
         depth = len(blocks_down) - 1
         self.set_size_rule(2 ** depth, f"{depth} down-samplings")
         self.vae_l2_weight, self.vae_kl_weight = float(vae_l2_weight), float(vae_kl_weight)
         self.stem = conv(dims, in_channels, f, 3)
+        self.stem_dropout = dropout(dims, float(dropout_prob))  # spatial (channel) dropout, 0.2 in the paper
         self.down = nn.ModuleList()
         for i, n in enumerate(blocks_down):
             ch = f * 2 ** i
@@ -118,7 +138,8 @@ class SegResNetVAE(SegmentationModel):
             self.down.append(nn.Sequential(step, _res_stage(dims, ch, n, num_groups)))
         top = f * 2 ** depth
         self.decoder = _Decoder(dims, top, blocks_up, num_groups, upsample)
-        self.head = nn.Sequential(make_norm("group", dims, f, num_groups), nn.ReLU(inplace=True), conv(dims, f, out_channels, 1))
+        self.head = (nn.Sequential(make_norm("group", dims, f, num_groups), nn.ReLU(inplace=True), conv(dims, f, out_channels, 1))
+                     if head_norm else nn.Sequential(conv(dims, f, out_channels, 1)))
         size = as_tuple(vae_input_size or PAPER_VAE_SIZE[:dims], dims, "vae_input_size")
         self.vae_grid = tuple(max(1, s // 2 ** (depth + 1)) for s in size)
         self.latent_dim = latent_dim
@@ -135,7 +156,7 @@ class SegResNetVAE(SegmentationModel):
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self.check_input(x)
-        y = self.stem(x)
+        y = self.stem_dropout(self.stem(x))
         skips = []
         for stage in self.down:
             y = stage(y)
@@ -167,7 +188,11 @@ class SegResNetVAE(SegmentationModel):
 
     def vae_loss_terms(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         l2 = (recon.float() - x.float()).pow(2).mean()
-        kl = (mu.float().pow(2) + logvar.float().exp() - logvar.float() - 1).mean()
+        terms = mu.float().pow(2) + logvar.float().exp() - logvar.float() - 1
+        if self.kl_normalization == "voxels":  # the paper: divided by N, the number of image voxels
+            kl = terms.sum(1).mean() / math.prod(x.shape[2:])
+        else:
+            kl = terms.mean()
         return self.vae_l2_weight * l2 + self.vae_kl_weight * kl
 
     def vae_loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +205,26 @@ def segresnet(spatial_dims: int, in_channels: int, out_channels: int, **kwargs) 
     return SegResNet(spatial_dims, in_channels, out_channels, **kwargs)
 
 
-@register("segresnet_vae", (2, 3), PAPER, test_kwargs={"init_filters": 8, "vae_input_size": 32, "latent_dim": 8})
-def segresnet_vae(spatial_dims: int, in_channels: int, out_channels: int, **kwargs) -> SegResNetVAE:
+def myronenko2018(spatial_dims: int, in_channels: int, out_channels: int, init_filters: int = 32,
+                  vae_input_size: Optional[Sequence[int]] = None) -> SegResNetVAE:
+    """The paper's SegResNet-VAE (see the module docstring); ``vae_input_size`` defaults to the paper's crop."""
+    return SegResNetVAE(spatial_dims, in_channels, out_channels, init_filters=init_filters, blocks_down=(1, 2, 2, 4),
+                        blocks_up=(1, 1, 1), num_groups=8, upsample="interp", vae_input_size=vae_input_size,
+                        latent_dim=128, vae_l2_weight=0.1, vae_kl_weight=0.1, kl_normalization="voxels",
+                        dropout_prob=0.2, head_norm=False)
+
+
+SEGRESNET_VAE_PRESETS = {"myronenko2018": myronenko2018}
+
+
+@register("segresnet_vae", (2, 3), PAPER, test_kwargs={"init_filters": 8, "vae_input_size": 32},
+          test_variants=({"latent_dim": 8}, {"preset": "myronenko2018"}),
+          patch_size_kwarg="vae_input_size", preset_losses={"myronenko2018": "dice_squared"})
+def segresnet_vae(spatial_dims: int, in_channels: int, out_channels: int, preset: Optional[str] = None,
+                  **kwargs) -> SegResNetVAE:
+    """SegResNet-VAE; ``preset="myronenko2018"`` for the paper's settings."""
+    if preset is not None:
+        from medseg.models.unet import build_preset
+
+        return build_preset("segresnet_vae", SEGRESNET_VAE_PRESETS, preset, spatial_dims, in_channels, out_channels, kwargs)
     return SegResNetVAE(spatial_dims, in_channels, out_channels, **kwargs)

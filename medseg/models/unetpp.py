@@ -6,6 +6,10 @@ The output is a 1x1 conv of ``X[0][L-1]``. With ``deep_supervision=True`` the 1x
 ``X[0][1..L-2]`` are built as well and ``forward_train`` returns their logits (full resolution) as auxiliary
 outputs; ``forward`` returns only the ``X[0][L-1]`` logits.
 
+``preset="zhou2018"`` is the paper's configuration (the authors' Keras code): transposed-convolution up-sampling
+(2x2, stride 2), no normalisation, channels 32...512; 9.04M parameters with deep supervision for one input and one
+output channel, the paper's Table 1 figure. The default (unchanged) uses batch norm and interpolation + 1x1 conv.
+
 Shapes: ``x: (B, in_channels, *S) -> (B, out_channels, *S)``, each axis a multiple of ``2 ** (len(channels)-1)``.
 
 Example:
@@ -85,7 +89,20 @@ class UNetPlusPlus(SegmentationModel):
         return [grid[0, j] for j in range(1, self.levels)]
 
 
+def zhou2018(spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int] = (32, 64, 128, 256, 512),
+             deep_supervision: bool = False) -> UNetPlusPlus:
+    """UNet++ as in the paper: transposed-conv up-sampling, no normalisation."""
+    return UNetPlusPlus(spatial_dims, in_channels, out_channels, channels, norm="none", upsample="deconv",
+                        deep_supervision=deep_supervision)
+
+
 @register("unetpp", (2, 3), PAPER, test_kwargs={"channels": (4, 8, 8, 16)},
-          test_variants=({}, {"deep_supervision": True, "upsample": "deconv", "norm": "instance"}))
-def unetpp(spatial_dims: int, in_channels: int, out_channels: int, **kwargs) -> UNetPlusPlus:
+          test_variants=({}, {"deep_supervision": True, "upsample": "deconv", "norm": "instance"},
+                         {"preset": "zhou2018", "deep_supervision": True}))
+def unetpp(spatial_dims: int, in_channels: int, out_channels: int, preset: Optional[str] = None, **kwargs) -> UNetPlusPlus:
+    """UNet++; ``preset="zhou2018"`` for the paper's configuration."""
+    if preset is not None:
+        from medseg.models.unet import build_preset
+
+        return build_preset("unetpp", {"zhou2018": zhou2018}, preset, spatial_dims, in_channels, out_channels, kwargs)
     return UNetPlusPlus(spatial_dims, in_channels, out_channels, **kwargs)

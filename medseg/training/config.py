@@ -47,9 +47,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "unet"
+    name: str = "unet"  # a registered name, 'monai:ClassName', or a name registered by `module`
     spatial_dims: int = 3
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict = field(default_factory=dict)  # e.g. {preset: cicek2016}; see docs/models.md
+    module: Optional[str] = None  # a .py file (relative to the pipeline) or module name that registers the model
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,18 @@ class Pipeline:
             for key in ("manifest", "cache_dir"):
                 if d["data"][key] is not None:
                     d["data"][key] = str(self.resolve(d["data"][key]))
+            if d["model"]["module"] is not None:
+                d["model"]["module"] = self.model_module
         return _plain(d)
+
+    @property
+    def model_module(self) -> str | None:
+        """``model.module`` as given to :func:`medseg.models.load_model_module`: a file path made absolute against
+        the pipeline's folder, or a dotted module name."""
+        from medseg.models.registry import _is_path
+
+        m = self.model.module
+        return None if m is None else (str(self.resolve(m)) if _is_path(m) else m)
 
     def resolve(self, path: str | None) -> Path | None:
         """A path of the pipeline, made absolute against the pipeline file's folder."""
@@ -245,7 +257,16 @@ def _build(cls, data: Any, prefix: str):
 def _check_values(p: Pipeline) -> None:
     for key, options in choices().items():
         section, name = key.split(".")
-        check_choice(getattr(getattr(p, section), name), options, key)
+        value = getattr(getattr(p, section), name)
+        if key == "model.name" and isinstance(value, str) and value.startswith("monai:"):
+            from medseg.models import get_entry
+
+            try:
+                get_entry(value)
+            except MedsegError as err:
+                raise MedsegError(f"model.name: {str(err).removeprefix('model: ')}") from None
+            continue
+        check_choice(value, options, key)
     for key in POSITIVE:
         obj = p
         for part in key.split("."):
@@ -273,8 +294,27 @@ def parse_pipeline(data: dict, base_dir: str | Path = ".") -> Pipeline:
     """Validate a pipeline given as a dict (as read from YAML)."""
     pipeline = _build(Pipeline, data, "")
     pipeline = dataclasses.replace(pipeline, base_dir=str(Path(base_dir).resolve()))
+    if pipeline.model.module is not None:
+        from medseg.models import load_model_module
+
+        try:
+            load_model_module(pipeline.model_module)
+        except MedsegError as err:
+            raise MedsegError(f"model.module: {err}") from None
     _check_values(pipeline)
-    return pipeline
+    return _auto_loss(pipeline)
+
+
+def _auto_loss(p: Pipeline) -> Pipeline:
+    """``loss.name: auto`` with a model preset that names its paper's loss (``segresnet_vae`` ``myronenko2018``:
+    ``dice_squared``) becomes that loss, so the run's pipeline.yaml says which loss trained."""
+    if p.loss.name != "auto":
+        return p
+    from medseg.models import get_entry
+
+    preset = p.model.kwargs.get("preset")
+    name = get_entry(p.model.name).preset_losses.get(preset) if isinstance(preset, str) else None
+    return dataclasses.replace(p, loss=dataclasses.replace(p.loss, name=name)) if name else p
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:

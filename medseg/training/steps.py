@@ -40,18 +40,22 @@ class ModelStep:
 
     @classmethod
     def build(cls, p: Pipeline, in_channels: int, out_channels: int, device: torch.device) -> "ModelStep":
-        from medseg.models import create_model, model_config
+        from medseg.models import create_model, get_entry, model_config
 
         kwargs = dict(p.model.kwargs)
         if p.loss.deep_supervision:
             kwargs.setdefault("deep_supervision", True)
+        size_kwarg = get_entry(p.model.name).patch_size_kwarg  # e.g. segresnet_vae's vae_input_size
+        if size_kwarg and (kwargs.get(size_kwarg) == "patch" or (size_kwarg not in kwargs and kwargs.get("preset"))):
+            kwargs[size_kwarg] = list(p.sampling.patch_size)  # recorded in the checkpoint's config as a size
         try:
             model = create_model(p.model.name, spatial_dims=p.model.spatial_dims, in_channels=in_channels,
                                  out_channels=out_channels, **kwargs)
         except TypeError as err:
             raise MedsegError(f"model.kwargs: {err}; see 'medseg models' and docs/models.md for the arguments of {p.model.name}") from None
         if p.loss.deep_supervision and not getattr(model, "deep_supervision", False):
-            raise MedsegError(f"loss.deep_supervision: model {p.model.name} has no deep supervision; set it to false or use unetpp/dynunet")
+            raise MedsegError(f"loss.deep_supervision: model {p.model.name} has no deep supervision; set it to false or use "
+                              "unetpp/dynunet/hrnet_ocr/danet")
         model = model.to(device)
         return cls(model, model_config(model), p.loss.vae_weight, p.loss.deep_supervision, TrainForward(model))
 
