@@ -134,24 +134,25 @@ def _timed(row: str, side: str, dims: int, size: int, warmup: int, reps: int, th
     x = torch.randn(1, cin, *(size,) * dims)
     step = (lambda: _loss(model.forward_train(x))) if side == "medseg" else (lambda: _loss(model(x)))
     try:
+        with open("/proc/self/statm") as fh:  # resident memory with the model and input built, before any pass
+            before_kib = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
         for _ in range(warmup):
             step().backward()
             model.zero_grad(set_to_none=True)
-        with open("/proc/self/statm") as fh:
-            before_kib = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
         t0 = time.perf_counter()
         for _ in range(reps):
             step().backward()
             model.zero_grad(set_to_none=True)
         seconds = (time.perf_counter() - t0) / reps
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        queue.put((seconds, max(0, peak_kib - before_kib) / 1024))
+        queue.put((seconds, max(0, peak_kib - before_kib) / 1024, os.getloadavg()[0]))
     except Exception as err:  # e.g. a window too small for the network
         queue.put(f"{type(err).__name__}")
 
 
 _CTX = None
 TIMEOUT_S = 900
+BUSY_LOAD = 3.0  # 1-minute load average above which a time is marked "*" (this run's own threads count too)
 
 
 def measure(row: str, side: str, dims: int, size: int, warmup: int, reps: int, threads: int):
@@ -182,7 +183,8 @@ def _cell_time(t) -> list[str]:
         return ["–", "–"]
     if isinstance(t, str):
         return [t, "–"]
-    return [f"{t[0]:.2f}", f"{t[1]:,.0f}"]
+    busy = " *" if t[2] > BUSY_LOAD else ""  # the machine was busy: the time is not reliable
+    return [f"{t[0]:.2f}{busy}", f"{t[1]:,.0f}"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
             if all(c == "–" for c in cells[1:]):
                 continue
             print("| " + " | ".join(cells + [ROWS[row][3]]) + " |", flush=True)
+    if not args.no_time:
+        print(f"\n* the 1-minute load average was above {BUSY_LOAD} after the measurement (other work on the machine): "
+              f"time not reliable. Load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
