@@ -56,6 +56,23 @@ def _frame_array(frame: Image.Image, fmt: str | None) -> np.ndarray:
     raise MedsegError(f"unsupported pixel mode '{mode}'")
 
 
+# pixel modes read as one channel (palette images keep their indices); every other mode is read as R, G, B
+GREY_MODES = ("1", "L", "LA", "P", "PA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def is_colour_file(path: str | Path) -> bool:
+    """True when :func:`read_image_2d` reads the file as three colour channels (decided from the header only).
+
+    Raises:
+        MedsegError: naming the file when it cannot be opened as an image.
+    """
+    try:
+        with Image.open(path) as im:
+            return im.mode not in GREY_MODES
+    except OSError as err:
+        raise MedsegError(f"{path}: cannot read the image ({err}); the file is damaged or not an image: re-export it") from None
+
+
 def read_image_2d(path: str | Path) -> Volume:
     """Read a 2D image (or a multi-page TIFF) as a volume one voxel thick with an identity affine (see module doc).
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.data.images2d import IMAGE_2D_SUFFIXES
+from medseg.data.images2d import IMAGE_2D_SUFFIXES, is_colour_file
 from medseg.data.io import ImageRef, read_mask
 from medseg.data.labels import present_values
 from medseg.data.manifest import Case, Manifest
@@ -36,7 +36,6 @@ from medseg.errors import MedsegError
 IMAGE_FOLDERS = ("images", "image", "imgs", "img", "Images")
 MASK_FOLDERS = ("masks", "mask", "labels", "label", "annotations", "gt", "groundtruth", "ground_truth", "trimaps", "Masks", "Labels")
 MASK_SUFFIXES = ("", "_mask", "_masks", "_lesion", "_segmentation", "_seg", "_label", "_labels", "_gt", "-mask", "_Segmentation")
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MAX_CLASSES = 20
 
 
@@ -82,15 +81,7 @@ def _match_masks(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path
 
 def _channels(files: list[Path]) -> tuple[tuple[str, ...], list[dict[str, ImageRef]]]:
     """RGB channels for colour data, one ``image`` channel when every image is grey (in content)."""
-    from PIL import Image
-
-    colour = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                colour.append(im.mode not in GREY_MODES and im.mode != "P")
-        except OSError as err:
-            raise MedsegError(f"{f}: cannot read the image ({err}); the file is damaged or not an image: re-export it") from None
+    colour = [is_colour_file(f) for f in files]
     if any(colour):
         from medseg.data.io import read_volume
 

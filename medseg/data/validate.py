@@ -79,22 +79,19 @@ def _lossy_hint(array: np.ndarray, scheme: LabelScheme) -> str:
 def colour_problems(manifest: Manifest) -> list[str]:
     """2D datasets: colour images (channels R, G, B from one file each) and grey ones should not be mixed; a grey
     image among colour ones is read as R = G = B, which is rarely what the user meant."""
-    from medseg.data.images2d import IMAGE_2D_SUFFIXES
+    from medseg.data.images2d import IMAGE_2D_SUFFIXES, is_colour_file
 
     if list(manifest.channels) != ["R", "G", "B"]:
         return []
-    from PIL import Image
-
     grey = []
     for case in manifest.cases:
         ref = next(iter(case.images.values()))
         if ref.path.suffix.lower() not in IMAGE_2D_SUFFIXES or not ref.path.is_file():
             continue
         try:
-            with Image.open(ref.path) as im:
-                if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
-                    grey.append(case.id)
-        except OSError:
+            if not is_colour_file(ref.path):
+                grey.append(case.id)
+        except MedsegError:
             continue  # reported by the per-case check
     if grey:
         return [f"{manifest.path or 'manifest'}: {len(grey)} grey image(s) ({', '.join(grey[:3])}) in a colour dataset; they are "

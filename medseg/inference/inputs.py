@@ -177,16 +177,13 @@ def _wrong_count(ref: ImageRef, n: int, channels: Sequence[str]):
 
 def _colour_image(file: Path) -> bool:
     """A 2D colour image (RGB, RGBA, CMYK...): read as three channels."""
-    from medseg.data.images2d import IMAGE_2D_SUFFIXES
+    from medseg.data.images2d import IMAGE_2D_SUFFIXES, is_colour_file
 
     if file.suffix.lower() not in IMAGE_2D_SUFFIXES or not file.is_file():
         return False
-    from PIL import Image
-
     try:
-        with Image.open(file) as im:
-            return im.mode not in ("1", "L", "LA", "P", "I", "I;16", "I;16B", "I;16L", "F")
-    except OSError:
+        return is_colour_file(file)
+    except MedsegError:
         return False  # read_volume reports it with the fix
 
 
