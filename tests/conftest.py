@@ -32,3 +32,15 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synthetic")
     return generate_dataset(out, n_cases=SYNTHETIC_CASES, spec=SyntheticSpec(shape=SYNTHETIC_SHAPE), seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: reductions are summed in one order, so a few-step training gives the same
+    numbers whatever the machine's core count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,7 +21,11 @@ TIFF) the labels are <case_id>.png of the input's width and height (16-bit when 
 skipped, so a killed run is continued by running the same command again; its temporary files are removed then.
 Inputs are checked as 'medseg validate' checks them (one grid, 3D, invertible affine, finite values) before any
 compute; --nan-policy zero sets NaN/infinite voxels to 0 instead, with a warning.
-  medseg predict --model runs/polyp --input ../shared/data/polyp_endotect/images/X.jpg --output preds --overlay"""
+  medseg predict --model runs/polyp --input ../shared/data/polyp_endotect/images/X.jpg --output preds --overlay
+  medseg predict --model runs/nuclei_unet --input ../shared/data/nuclei_dsb2018/images --output preds --instances watershed
+  medseg predict --model runs/nuclei_maskrcnn --input ../shared/data/nuclei_dsb2018/images --output preds --instances
+With --instances, <case_id>_instances.png/.nii.gz (uint16: 0 background, one id per object, same grid) and
+<case_id>_instances.json (score, size and centre per object) are written beside the labels."""
 
 
 def register(sub) -> None:
@@ -58,6 +62,19 @@ def register(sub) -> None:
                    help="relabel enhancing tumour as necrotic core when fewer voxels than this are ET (BraTS rule, e.g. 500)")
     q.add_argument("--crf", action="store_true",
                    help="refine the probabilities with a dense CRF on the scan before labelling (pip install pydensecrf2; docs/classical.md)")
+    o = p.add_argument_group("objects (instance segmentation; docs/instances.md)")
+    o.add_argument("--instances", nargs="?", const="auto", default=None, choices=("auto", "components", "watershed", "model"),
+                   help="also write <id>_instances.png/.nii.gz (one id per object) and <id>_instances.json: connected "
+                        "components, a watershed that splits touching objects, or an instance model's own objects "
+                        "(auto: the model's for maskrcnn/yolact, else components)")
+    o.add_argument("--instance-target", default=None, metavar="NAME",
+                   help="objects of one class or region only (e.g. ET, WT); default: all foreground")
+    o.add_argument("--min-object-size", type=int, default=0, metavar="VOXELS", help="drop objects smaller than this")
+    o.add_argument("--min-object-ml", type=float, default=0.0, metavar="ML", help="drop objects smaller than this volume (mL)")
+    o.add_argument("--min-distance", type=int, default=5, metavar="VOXELS",
+                   help="watershed: minimum distance between object centres (default 5)")
+    o.add_argument("--score-threshold", type=float, default=0.5,
+                   help="instance models: keep objects scoring at least this (default 0.5)")
     p.add_argument("--model-module", action="append", default=[], metavar="FILE.py|MODULE",
                    help="import a module that registers models first (the checkpoint records the module it was trained "
                         "with; give this when that file moved)")
@@ -102,10 +119,18 @@ def run(args) -> int:
     options = {"roi_size": args.roi, "overlap": args.overlap, "blend": args.blend, "sw_batch_size": args.sw_batch_size,
                "tta": args.tta, "amp": args.amp, "device": device, "stitch": args.stitch, "skip_empty": args.skip_empty,
                "threshold": args.threshold, "min_component_size": args.min_component_size, "et_min_voxels": args.et_min_voxels}
+    instances = None
+    if args.instances is not None:
+        from medseg.inference.instances import InstanceSettings
+
+        instances = InstanceSettings(args.instances, args.instance_target, args.min_object_size, args.min_object_ml,
+                                     args.min_distance, args.score_threshold)
     written = predict(args.model, args.input, args.output, case_id=args.case_id, probabilities=args.probabilities,
+                      instances=instances,
                       overwrite=args.overwrite, shard=shard, overlay=args.overlay, nan_policy=args.nan_policy, crf=args.crf,
                       progress=not args.no_progress and sys.stderr.isatty(),
                       **{k: v for k, v in options.items() if v is not None})
-    labels = [p for p in written if not p.name.endswith(("_prob.nii.gz", "_overlay.png"))]
+    labels = [p for p in written if not p.name.endswith(("_prob.nii.gz", "_overlay.png", "_instances.png", "_instances.nii.gz",
+                                                           "_instances.json"))]
     print(f"{args.output}: {len(labels)} prediction(s) written" + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""))
     return 0

@@ -123,6 +123,7 @@ class CaseCache:
         refs = [*case.images.values(), *([case.label] if case.label else [])]
         stamp = [(str(r), os.path.getmtime(r.path), os.path.getsize(r.path)) for r in refs]
         key = [stamp, self.preprocessing.to_dict()] + ([self.nan_policy] if self.nan_policy != "error" else [])
+        key.append(self.scheme.to_dict() if self.scheme is not None else "raw labels")  # decoded labels differ by scheme
         blob = json.dumps(key, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:16]
 

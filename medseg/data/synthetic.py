@@ -161,3 +161,48 @@ def generate_images_2d(out_dir: str | Path, n_images: int = 8, seed: int = 0, si
         else:
             Image.fromarray((disc * (255 if mask_format == "png255" else 1)).astype(np.uint8), "L").save(out / "masks" / f"img{n:02d}_mask.png")
     return out
+
+
+def generate_instances_2d(out_dir: str | Path, n_images: int = 6, seed: int = 0, size: tuple[int, int] = (72, 56),
+                          objects: tuple[int, int] = (3, 7), radius: tuple[float, float] = (4.0, 8.0)) -> Path:
+    """A small folder in the ``instance-masks`` layout, like fluorescence nuclei: ``images/cellNN.png`` (grey, bright
+    discs on a dark noisy background, ``size`` = width x height) and ``masks/cellNN/<k>.png`` (one 0/255 mask per
+    disc). Discs may touch (some pairs are placed side by side) but never overlap. Returns ``out_dir``.
+
+    Example:
+        >>> import tempfile, os
+        >>> root = generate_instances_2d(tempfile.mkdtemp(), n_images=1)
+        >>> sorted(os.listdir(root))
+        ['images', 'masks']
+    """
+    from PIL import Image
+
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for n in range(n_images):
+        owner = np.zeros((h, w), np.int32)
+        count = int(rng.integers(objects[0], objects[1] + 1))
+        prev = None
+        for k in range(1, count + 1):
+            for _ in range(50):  # a free spot: next to the previous disc (touching) or anywhere
+                r = rng.uniform(*radius)
+                if prev is not None and rng.random() < 0.4:
+                    cy, cx = prev[0], prev[1] + prev[2] + r + 0.5
+                else:
+                    cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+                disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                if disc.sum() > 8 and not (owner[disc] > 0).any() and r <= cx <= w - r:
+                    owner[disc] = k
+                    prev = (cy, cx, r)
+                    break
+        image = np.where(owner > 0, 170.0, 25.0) + ndimage.gaussian_filter(rng.normal(0, 1, (h, w)), 1.5) * 20
+        image = np.clip(ndimage.gaussian_filter(image, 0.8) + rng.normal(0, 5, (h, w)), 0, 255).astype(np.uint8)
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, "L").save(out / "images" / f"cell{n:02d}.png")
+        folder = out / "masks" / f"cell{n:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in np.unique(owner[owner > 0]):
+            Image.fromarray(((owner == k) * 255).astype(np.uint8), "L").save(folder / f"{int(k)}.png")
+    return out

@@ -36,7 +36,7 @@ from medseg.errors import MedsegError
 from medseg.evaluation.metrics import CASE_METRICS, METRICS, MetricSettings, compute_metrics_confusion, targets
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".tif", ".tiff", ".bmp")
-SIDE_FILES = ("_prob", "_overlay")  # what medseg predict writes beside <id>.nii.gz / <id>.png: never a prediction
+SIDE_FILES = ("_prob", "_overlay", "_instances")  # what medseg predict writes beside <id>.nii.gz / <id>.png: never a prediction
 MANIFEST_SUFFIXES = (".csv", ".json")
 ID_COLUMNS = ("id", "status", "kind", "target")
 SUMMARY_STATS = ("count", "missing", "nan", "mean", "std", "median", "q1", "q3", "min", "max")

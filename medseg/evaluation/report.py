@@ -93,7 +93,7 @@ def confusion_dict(confusion: pd.DataFrame | None) -> dict | None:
             "pooled": {**{k: _plain(v) for k, v in semantic_metrics(counts.T).items()}, "iou": iou}}
 
 
-def write_report(result: EvaluationResult, output: str | Path, *, overlays: bool = True) -> Path:
+def write_report(result: EvaluationResult, output: str | Path, *, overlays: bool = True, objects=None) -> Path:
     """Write ``cases.csv``, ``summary.csv``, ``summary.json``, ``confusion.csv`` and ``report.html`` into ``output``
     (atomically); ``confusion.csv`` holds the voxel counts summed over the evaluated cases (rows: reference class,
     columns: predicted class) and is left out when no case was evaluated.
@@ -104,6 +104,9 @@ def write_report(result: EvaluationResult, output: str | Path, *, overlays: bool
         overlays: draw overlays (scan + ground-truth and prediction contours) of the best, median and worst
             cases: an axial slice of the first channel for volumes, the whole image (in colour when it has three
             channels) for 2D images.
+        objects: per-object results (:func:`medseg.evaluation.detection.evaluate_objects`): ``objects.csv``,
+            ``object_metrics.csv``, ``object_summary.csv``, an "objects" entry in ``summary.json`` and an "Objects"
+            section (detection summary, object size vs detected) in the page.
 
     Returns:
         The path of ``report.html``.
@@ -117,8 +120,15 @@ def write_report(result: EvaluationResult, output: str | Path, *, overlays: bool
         with atomic_path(out / "confusion.csv") as tmp:
             result.confusion.to_csv(tmp, index_label="reference/prediction")
     data = summary_dict(result)
+    sections = ""
+    if objects is not None:
+        from medseg.evaluation.detection import objects_dict, objects_html, write_objects
+
+        write_objects(objects, out)
+        data["objects"] = objects_dict(objects)
+        sections = objects_html(objects)
     write_text_atomic(out / "summary.json", json.dumps(data, indent=2) + "\n")
-    write_text_atomic(out / "report.html", render_html(result, data, overlays=overlays))
+    write_text_atomic(out / "report.html", render_html(result, data, overlays=overlays, sections=sections))
     return out / "report.html"
 
 
@@ -353,7 +363,7 @@ def _cases_table(cases: pd.DataFrame, ranking: pd.DataFrame) -> str:
     return _table(header, rows, "cases")
 
 
-def render_html(result: EvaluationResult, data: dict, overlays: bool = True) -> str:
+def render_html(result: EvaluationResult, data: dict, overlays: bool = True, sections: str = "") -> str:
     """The report page as a string (see :func:`write_report`)."""
     ranking = case_ranking(result.cases)
     unit = data.get("distance_unit", "mm")
@@ -401,6 +411,7 @@ def render_html(result: EvaluationResult, data: dict, overlays: bool = True) -> 
 <h2>Distributions</h2>
 <div class=figs>{''.join(figures)}</div>
 {confusion_html}
+{sections}
 <h2>Worst, median and best cases</h2>
 <p class=note>{overlay_note}</p>
 <div class=figs>{''.join(overlay_imgs)}</div>

@@ -62,6 +62,8 @@ class Prediction:
 
     labels: Volume
     probabilities: Volume | None = None
+    instances: Volume | None = None  # instance map (0 background, objects 1..N) when objects are asked for
+    objects: tuple[dict, ...] = ()  # one row per object: id, score, voxels, centre (volume_ml, class)
 
 
 def is_image_2d(path: str | Path) -> bool:
@@ -171,8 +173,46 @@ class Segmenter:
     def out_channels(self) -> int:
         return len(self.scheme.regions) if self.target == "regions" else len(self.scheme.values)
 
+    @property
+    def instance_model(self) -> bool:
+        """True for instance models (``maskrcnn``, ``yolact``): whole-image objects instead of sliding windows."""
+        return getattr(self.models[0], "task", "semantic") == "instances"
+
+    def prepared_objects(self, image: np.ndarray | torch.Tensor, mask_threshold: float = 0.5,
+                         score_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict[int, float], dict[int, int]]:
+        """An instance model on a whole prepared image ``(C, *spatial)``: the semantic probabilities rendered from its
+        objects ``(K, *spatial)``, the instance map, ``{id: score}`` and ``{id: class index}``."""
+        from medseg.models.instance import instance_map, render_semantic
+
+        if len(self.models) > 1:
+            raise MedsegError("an ensemble of instance models is not supported: predict with one fold's run folder")
+        model = self.models[0]
+        device = next(model.parameters()).device
+        image = torch.as_tensor(image, dtype=torch.float32)
+        if image.ndim - 1 == model.spatial_dims:
+            slices = [image]
+        elif image.ndim - 1 == model.spatial_dims + 1:  # a 2D model on a volume (or a 2D image, W x H x 1): per slice
+            slices = list(image.unbind(dim=-1))
+        else:
+            raise MedsegError(f"a {model.spatial_dims}D instance model cannot segment an image of shape {tuple(image.shape[1:])}")
+        probs, maps, scores, classes = [], [], {}, {}
+        for plane in slices:
+            with torch.inference_mode():
+                objects = model.predict_instances(plane[None].to(device))[0]
+            probs.append(render_semantic(objects, self.out_channels, tuple(plane.shape[1:])).float().cpu().numpy())
+            imap, sc, cl = instance_map(objects, mask_threshold, score_threshold)
+            offset = len(scores)  # ids stay unique over slices (objects are not linked across slices)
+            maps.append(np.where(imap > 0, imap + offset, 0).astype(np.int32))
+            scores.update({i + offset: v for i, v in sc.items()})
+            classes.update({i + offset: v for i, v in cl.items()})
+        if len(slices) == 1 and image.ndim - 1 == model.spatial_dims:
+            return probs[0], maps[0], scores, classes
+        return np.stack(probs, axis=-1), np.stack(maps, axis=-1), scores, classes
+
     def prepared_probabilities(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
         """``(K, *prepared spatial)`` float32 probabilities for a prepared image ``(C, *spatial)``."""
+        if self.instance_model:
+            return self.prepared_objects(image)[0]
         total = None
         image = torch.as_tensor(image)
         fill = background_logits(self.target, self.out_channels)
@@ -192,7 +232,8 @@ class Segmenter:
     def labels(self, probabilities: np.ndarray, post: PostprocessSettings | None = None) -> np.ndarray:
         """Postprocessed label map (scheme values) from ``(K, *spatial)`` probabilities."""
         post = post or self.post
-        return postprocess(to_labels(probabilities, self.target, self.scheme, post.threshold), self.scheme, post)
+        target = "labels" if self.target == "instances" else self.target  # an instance model's classes
+        return postprocess(to_labels(probabilities, target, self.scheme, post.threshold), self.scheme, post)
 
 
 class Predictor:
@@ -242,6 +283,8 @@ class Predictor:
         images = check_images(images, channels, where, nan_policy=self.nan_policy)
         first = images[0]
         prep = self.loaded.preprocessing.apply(list(images))
+        if self.segmenter.instance_model and (self.instances is None or self.instances.method in ("auto", "model")):
+            return self._predict_objects(images, prep)
         full = self.segmenter.probabilities(prep.image, prep)
         if self.crf is not None:  # dense CRF on the scan's own grid, before threshold / argmax
             from medseg.inference.postprocess import crf_refine
@@ -249,12 +292,50 @@ class Predictor:
             full = crf_refine(full, images, self.loaded.target, **self.crf)
         labels = self.segmenter.labels(full)
         prob_vol = first.with_array(np.ascontiguousarray(np.moveaxis(full, 0, -1))) if self.probabilities else None
-        return Prediction(first.with_array(labels), prob_vol)
+        if self.instances is None:
+            return Prediction(first.with_array(labels), prob_vol)
+        from medseg.inference.instances import semantic_instances
+
+        flat, spacing = _plane(labels, first)
+        imap, scores = semantic_instances(flat, self.instances, scheme=self.loaded.scheme, spacing=spacing,
+                                          probabilities=_plane_stack(full, first))
+        return self._with_objects(first, labels, prob_vol, imap.reshape(labels.shape), scores, {})
+
+    def _predict_objects(self, images: Sequence[Volume], prep: Prepared) -> Prediction:
+        """An instance model: its objects (one pass) give both the semantic labels and the instance map."""
+        first = images[0]
+        settings = self.instances or _default_instances()
+        probs, imap, scores, classes = self.segmenter.prepared_objects(prep.image, settings.mask_threshold, settings.score_threshold)
+        pre = self.loaded.preprocessing
+        background = [1.0] + [0.0] * (probs.shape[0] - 1)
+        full = pre.invert(probs, prep, order="linear", fill=background)
+        labels = self.segmenter.labels(full)
+        prob_vol = first.with_array(np.ascontiguousarray(np.moveaxis(full, 0, -1))) if self.probabilities else None
+        if self.instances is None:
+            return Prediction(first.with_array(labels), prob_vol)
+        imap = pre.invert(imap[None].astype(np.float32), prep, order="nearest", fill=0.0)[0].astype(np.int32)
+        if settings.min_size or settings.min_volume_ml:
+            from medseg.inference.instances import _drop_small
+
+            imap = _drop_small(imap, settings, first.spacing)
+        kept = set(np.unique(imap).tolist()) - {0}
+        return self._with_objects(first, labels, prob_vol, imap, {i: s for i, s in scores.items() if i in kept},
+                                  {i: c for i, c in classes.items() if i in kept})
+
+    def _with_objects(self, first: Volume, labels: np.ndarray, prob_vol: Volume | None, imap: np.ndarray,
+                      scores: dict[int, float], classes: dict[int, int]) -> Prediction:
+        from medseg.inference.instances import object_table
+
+        flat, spacing = _plane(imap, first)
+        dtype = np.uint16 if imap.max(initial=0) < 65536 else np.uint32
+        rows = object_table(flat, scores, None if first.meta.get("image2d") else spacing, classes or None)
+        return Prediction(first.with_array(labels), prob_vol, first.with_array(imap.astype(dtype)), tuple(rows))
 
     def predict_case(self, case: CaseInput) -> Prediction:
         return self.predict_volumes([read_volume(p) for p in case.images])
 
     overlay = False  # also write <id>_overlay.png for 2D images (set by predict(overlay=True))
+    instances = None  # InstanceSettings: also write <id>_instances.* and <id>_instances.json (predict(instances=...))
     crf: dict | None = None  # dense-CRF options ({} = defaults) refining the probabilities (set by predict(crf=...))
 
     def output_paths(self, case: CaseInput | str, output_dir: Path) -> list[Path]:
@@ -264,6 +345,8 @@ class Predictor:
         check_case_id(case_id, str(output_dir))  # outputs stay inside output_dir
         output_dir = Path(output_dir)
         paths = [output_dir / f"{case_id}{'.png' if two_d else '.nii.gz'}"]
+        if self.instances is not None:
+            paths += [output_dir / f"{case_id}_instances{'.png' if two_d else '.nii.gz'}", output_dir / f"{case_id}_instances.json"]
         if self.probabilities:
             paths.append(output_dir / f"{case_id}_prob.nii.gz")
         if self.overlay and two_d:
@@ -281,7 +364,11 @@ class Predictor:
             raise MedsegError(f"case {case_id}: label values above 255 do not fit the uint8 output; use a scheme with values < 256")
         written = []
         for path in extra:
-            if path.name.endswith("_prob.nii.gz") and prediction.probabilities is not None:
+            if path.name.endswith(("_instances.png", "_instances.nii.gz")) and prediction.instances is not None:
+                written.append(write_volume(prediction.instances, path, dtype=None))
+            elif path.name.endswith("_instances.json") and prediction.instances is not None:
+                written.append(_write_objects(path, case_id, prediction, path.name.replace(".json", labels_path.name[len(case_id):])))
+            elif path.name.endswith("_prob.nii.gz") and prediction.probabilities is not None:
                 written.append(write_volume(prediction.probabilities, path, dtype=np.float32))
             elif path.name.endswith("_overlay.png") and images:
                 from medseg.data.images2d import write_overlay
@@ -292,6 +379,48 @@ class Predictor:
         return written
 
 
+def _instance_settings(instances, predictor: Predictor):
+    """``predict(instances=...)`` as settings (None: no objects), checked against the model."""
+    from medseg.inference.instances import InstanceSettings
+
+    if instances is None or instances is False:
+        return None
+    settings = instances if isinstance(instances, InstanceSettings) else InstanceSettings("auto" if instances is True else str(instances))
+    if settings.method == "model" and not predictor.segmenter.instance_model:
+        raise MedsegError(f"--instances model: {predictor.loaded.path} is a semantic model; use components or watershed "
+                          "(or a model trained with data.target: instances)")
+    return settings
+
+
+def _default_instances():
+    from medseg.inference.instances import InstanceSettings
+
+    return InstanceSettings()
+
+
+def _plane(array: np.ndarray, first: Volume) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A 2D image's ``(W, H, 1)`` array as ``(W, H)`` with its pixel spacing; volumes unchanged."""
+    if first.meta.get("image2d") and array.ndim == 3 and array.shape[2] == 1:
+        return array[:, :, 0], tuple(first.spacing[:2])
+    return array, tuple(first.spacing)
+
+
+def _plane_stack(probs: np.ndarray, first: Volume) -> np.ndarray:
+    return probs[..., 0] if first.meta.get("image2d") and probs.ndim == 4 and probs.shape[3] == 1 else probs
+
+
+def _write_objects(path: Path, case_id: str, prediction: Prediction, map_name: str) -> Path:
+    """``<id>_instances.json``: the objects of the instance map (id, score, size, centre), written atomically."""
+    import json
+
+    from medseg.atomic import atomic_path
+
+    body = {"case": case_id, "instances": map_name, "objects": list(prediction.objects)}
+    with atomic_path(path, suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps(body, indent=1))
+    return path
+
+
 def _source(vol: Volume) -> str:
     """The file a volume was read from, ``file[N]`` for one channel of a 4D or colour file."""
     path = vol.meta.get("path", "(in memory)")
@@ -300,7 +429,7 @@ def _source(vol: Volume) -> str:
 
 def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output: str | Path, *, case_id: str | None = None,
             probabilities: bool = False, overwrite: bool = False, shard: tuple[int, int] = (0, 1), progress: bool = False,
-            overlay: bool = False, nan_policy: str = "error", crf: bool | dict = False, **options) -> list[Path]:
+            overlay: bool = False, nan_policy: str = "error", crf: bool | dict = False, instances=None, **options) -> list[Path]:
     """Predict every case named by ``inputs`` with ``model``; write ``<output>/<case_id>.nii.gz`` per case
     (``<case_id>.png`` for 2D images, of the input's width and height; with ``overlay``, ``<case_id>_overlay.png``).
 
@@ -313,6 +442,9 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         overwrite: predict cases whose output already exists. Otherwise they are skipped when their label map reads
             and has the scan's shape, and predicted again (with a warning) when it does not.
         nan_policy: NaN/infinite input voxels are an error (``"error"``) or set to 0 with a warning (``"zero"``).
+        instances: also write objects: an :class:`medseg.inference.instances.InstanceSettings`, a method name
+            (``"auto"``, ``"components"``, ``"watershed"``, ``"model"``) or True (auto): ``<case_id>_instances.png``
+            / ``.nii.gz`` (an instance map on the same grid) and ``<case_id>_instances.json`` (score and size per object).
         crf: refine the probabilities with a dense CRF on the scan (:func:`medseg.inference.postprocess.crf_refine`)
             before the labels are taken: True for the defaults, or a dict of its options; needs pydensecrf2.
             The probabilities written (``probabilities=True``) are then the refined ones.
@@ -331,6 +463,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         raise MedsegError(f"shard {index}/{count}: the index must be within 0..{count - 1}")
     predictor = Predictor.from_checkpoint(model, probabilities=probabilities, **options)
     predictor.overlay = overlay
+    predictor.instances = _instance_settings(instances, predictor)
     predictor.crf = (dict(crf) if isinstance(crf, dict) else {}) if crf else None
     predictor.nan_policy = nan_policy
     if isinstance(inputs, (str, Path)):

@@ -30,6 +30,7 @@ from medseg.models.registry import (MODELS, ModelEntry, build_from_config, creat
 # Importing the model modules fills the registry.
 from medseg.models import (danet, deconvnet, deeplab, dynunet, fcn, hrnet, pspnet, refinenet, resunetpp,  # noqa: E402,F401  isort: skip
                            segnet, segresnet, unet, unetpp, vnet)
+from medseg.models import instance  # noqa: E402,F401  (registers maskrcnn, yolact)
 from medseg.models.registry import load_entry_points, load_model_module  # noqa: E402
 
 __all__ = ["MODELS", "ModelEntry", "load_entry_points", "load_model_module", "SegmentationModel", "build_from_config", "check_input_size", "create_model",

@@ -51,7 +51,8 @@ class ModelEntry:
     For a factory that returns a plain ``nn.Module`` (not a :class:`~medseg.models.SegmentationModel`):
     ``size_divisor`` / ``min_size`` / ``max_size`` declare its input-size rule (inferred on the meta device when
     ``size_divisor`` is None) and ``output`` how to read its output (:data:`medseg.models.foreign.OUTPUTS`).
-    ``patch_size_kwarg`` names an argument that the trainer fills with ``sampling.patch_size`` (when its value is
+    ``task`` is ``"semantic"`` (a map of logits per class or region) or ``"instances"`` (a
+    :class:`~medseg.models.instance.InstanceModel`: objects, trained on instance maps). ``patch_size_kwarg`` names an argument that the trainer fills with ``sampling.patch_size`` (when its value is
     ``"patch"``, or when it is absent and a preset is named); ``preset_losses`` maps a preset to the loss that
     ``loss.name: auto`` picks for it. ``source`` is the module that registered a user's model.
     """
@@ -69,9 +70,11 @@ class ModelEntry:
     patch_size_kwarg: Optional[str] = None
     preset_losses: Mapping[str, str] = field(default_factory=dict)
     source: Optional[str] = None
+    task: str = "semantic"
 
 
 MODELS: dict[str, ModelEntry] = {}
+TASKS = ("semantic", "instances")
 ENTRY_POINT_GROUP = "medseg.models"
 
 
@@ -80,7 +83,8 @@ def register(name: str, spatial_dims: tuple[int, ...] = (2, 3), paper: str = "",
              test_variants: tuple[Mapping[str, Any], ...] = ({},), *,
              size_divisor: Optional[int | Sequence[int]] = None, min_size: Optional[int | Sequence[int]] = None,
              max_size: Optional[int | Sequence[int]] = None, output: str = "tensor",
-             patch_size_kwarg: Optional[str] = None, preset_losses: Mapping[str, str] | None = None) -> Callable:
+             patch_size_kwarg: Optional[str] = None, preset_losses: Mapping[str, str] | None = None,
+             task: str = "semantic") -> Callable:
     """Class/function decorator adding a model factory ``f(spatial_dims, in_channels, out_channels, **kwargs)``.
 
     The factory may return a :class:`~medseg.models.SegmentationModel` (it then follows the model contract itself)
@@ -96,8 +100,10 @@ def register(name: str, spatial_dims: tuple[int, ...] = (2, 3), paper: str = "",
         from medseg.models.foreign import check_output_spec
 
         check_output_spec(output)
+        check_choice(task, TASKS, "task")
         MODELS[name] = ModelEntry(name, factory, tuple(spatial_dims), paper, dict(test_kwargs or {}), tuple(test_variants),
-                                  size_divisor, min_size, max_size, output, patch_size_kwarg, dict(preset_losses or {}))
+                                  size_divisor, min_size, max_size, output, patch_size_kwarg, dict(preset_losses or {}),
+                                  task=task)
         return factory
 
     return deco

@@ -36,7 +36,8 @@ class DataConfig:
     manifest: Optional[str] = None
     synthetic: Optional[SyntheticData] = None
     label_scheme: Optional[Union[str, dict]] = None  # default: the manifest's
-    target: str = "regions"  # regions: sigmoid per region (BraTS WT/TC/ET); labels: softmax over classes
+    target: str = "regions"  # regions: sigmoid per region (BraTS WT/TC/ET); labels: softmax over classes;
+    # instances: the label is an instance map (one id per object), for instance models (maskrcnn, yolact)
     val_fold: Optional[int] = 0  # cases of this fold validate; the others train
     val_split: Optional[str] = None  # alternatively: cases whose split is this value validate
     train_split: Optional[str] = None
@@ -51,6 +52,7 @@ class ModelConfig:
     spatial_dims: int = 3
     kwargs: dict = field(default_factory=dict)  # e.g. {preset: cicek2016}; see docs/models.md
     module: Optional[str] = None  # a .py file (relative to the pipeline) or module name that registers the model
+    init_weights: Optional[str] = None  # weights to start from: a medseg checkpoint or a state_dict file (.pt)
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class Pipeline:
 
 
 CHOICES = {  # options with no registry of their own; those with one are read from it by choices()
-    "data.target": ("regions", "labels"),
+    "data.target": ("regions", "labels", "instances"),
     "data.cache": ("memory", "disk"),
     "optimizer.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("poly", "cosine", "constant"),

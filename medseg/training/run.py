@@ -80,7 +80,7 @@ class Run:
     scheme: LabelScheme
     channels: list[str]
     step: ModelStep
-    loss: nn.Module
+    loss: nn.Module | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     dataset: setup.PatchDataset
@@ -120,8 +120,10 @@ class Run:
         step = ModelStep.build(p, len(channels), setup.out_channels(scheme, p.data.target), device)
         step.check_size(tuple(p.sampling.patch_size), "sampling.patch_size")
         step.check_size(p.roi_size, "inference.roi_size")
-        loss = create_loss(p.loss.name, p.data.target)
-        loss = DeepSupervisionLoss(loss) if p.loss.deep_supervision else loss
+        loss = None  # an instance model computes its own loss terms
+        if p.data.target != "instances":
+            loss = create_loss(p.loss.name, p.data.target)
+            loss = DeepSupervisionLoss(loss) if p.loss.deep_supervision else loss
         used = dataclasses.replace(manifest, cases=train_m.cases + val_m.cases)
         cache = setup.load_cases(p, used, scheme, run_dir, options.progress and info.is_main, options.nan_policy)
         train_cases = [cache[c.id] for c in train_m.cases]

@@ -74,13 +74,17 @@ def label_scheme(p: Pipeline, manifest: Manifest) -> LabelScheme:
 
 
 def out_channels(scheme: LabelScheme, target: str) -> int:
+    """Regions, or classes including background (an instance model's object classes + background)."""
     return len(scheme.regions) if target == "regions" else len(scheme.values)
 
 
 def make_target(label: np.ndarray, scheme: LabelScheme, target: str) -> np.ndarray:
-    """Label values -> regions ``(R, *spatial)`` float32 or class indices ``(1, *spatial)`` int64."""
+    """Label values -> regions ``(R, *spatial)`` float32 or class indices ``(1, *spatial)`` int64; for
+    ``instances`` the instance map itself ``(1, *spatial)`` int64 (0 background, one id per object)."""
     if target == "regions":
         return scheme.to_regions(label).astype(np.float32)
+    if target == "instances":
+        return label.astype(np.int64)[None]
     return scheme.to_indices(label)[None]
 
 
@@ -136,8 +140,9 @@ def load_cases(p: Pipeline, manifest: Manifest, scheme: LabelScheme, run_dir: Pa
     cache_dir = None
     if p.data.cache == "disk":
         cache_dir = p.resolve(p.data.cache_dir) if p.data.cache_dir else run_dir / "cache"
-    return CaseCache(manifest.cases, pre, scheme, cache_dir=cache_dir, workers=p.data.workers or 1, progress=progress,
-                     nan_policy=nan_policy)
+    # instance maps keep their object ids: they are not decoded by the scheme (which says what the objects are)
+    return CaseCache(manifest.cases, pre, None if p.data.target == "instances" else scheme, cache_dir=cache_dir,
+                     workers=p.data.workers or 1, progress=progress, nan_policy=nan_policy)
 
 
 def probe_model(p: Pipeline) -> None:
@@ -154,5 +159,6 @@ def probe_model(p: Pipeline) -> None:
     step = ModelStep.build(p, len(BRATS_CHANNELS), out_channels(scheme, p.data.target), torch.device("cpu"))
     step.check_size(tuple(p.sampling.patch_size), "sampling.patch_size")
     step.check_size(p.roi_size, "inference.roi_size")
-    create_loss(p.loss.name, p.data.target)
+    if p.data.target != "instances":
+        create_loss(p.loss.name, p.data.target)
     del step
