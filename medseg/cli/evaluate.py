@@ -67,7 +67,7 @@ def run(args) -> int:
         from medseg.evaluation.detection import ObjectSettings, evaluate_objects
 
         settings = ObjectSettings(args.match_iou, args.lesion_wise, args.lesion_dilation, args.lesion_min_volume)
-        objects = evaluate_objects(result, settings, progress=sys.stderr.isatty())
+        objects = evaluate_objects(result, settings, progress=sys.stderr.isatty(), workers=args.workers)
     html = write_report(result, args.output, overlays=not args.no_overlays, objects=objects)
     if result.unmatched:
         print(f"warning: {len(result.unmatched)} prediction(s) have no ground truth and were ignored: "

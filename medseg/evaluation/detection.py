@@ -152,8 +152,19 @@ def evaluate_case_objects(case: CaseInput, options: EvaluationOptions, settings:
         rows.append(row)
         for r in obj.object_rows(ref_objects, pred_objects, matching, spacing):
             object_rows.append({"id": case.id, "target": name, **r})
-        ap[name] = (ref_objects, pred_objects, pred_scores)
+        ap[name] = (*_cropped(ref_objects, pred_objects), pred_scores)
     return rows, object_rows, ap
+
+
+def _cropped(ref: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both maps cut to the bounding box of their objects (overlaps, hence AP, unchanged), so that pooling many
+    cases for AP keeps little memory."""
+    from medseg.evaluation.surface import bounding_box
+
+    box = bounding_box((ref > 0) | (pred > 0))
+    if box is None:
+        box = tuple(slice(0, 1) for _ in ref.shape)
+    return np.ascontiguousarray(ref[box]), np.ascontiguousarray(pred[box])
 
 
 def _inside(instances: np.ndarray, mask: np.ndarray, share: float = 0.99) -> bool:
@@ -171,8 +182,12 @@ def _relabel_keep(instances: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
     return lut[instances], {int(n): int(o) for n, o in zip(range(1, old.size + 1), old)}
 
 
-def evaluate_objects(result: EvaluationResult, settings: ObjectSettings = ObjectSettings(), progress: bool = False) -> ObjectResult:
-    """Per-object metrics of the cases of an :class:`EvaluationResult` (the same matching of predictions)."""
+def evaluate_objects(result: EvaluationResult, settings: ObjectSettings = ObjectSettings(), progress: bool = False,
+                     workers: int = 1) -> ObjectResult:
+    """Per-object metrics of the cases of an :class:`EvaluationResult` (the same matching of predictions), in
+    ``workers`` processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     from medseg.evaluation.precision import average_precision
@@ -181,8 +196,15 @@ def evaluate_objects(result: EvaluationResult, settings: ObjectSettings = Object
         raise MedsegError("evaluate_objects needs the result of medseg.evaluation.evaluate (it holds the matched cases)")
     rows, object_rows, pooled = [], [], {}
     cases = [c for c in result.inputs if _has_prediction(c)]
-    for case in tqdm(cases, desc="objects", unit="case", disable=not progress):
-        r, o, ap = evaluate_case_objects(case, result.options, settings)
+    n = len(cases)
+    if workers > 1 and n > 1:
+        with ProcessPoolExecutor(min(workers, n)) as pool:
+            outputs = list(tqdm(pool.map(evaluate_case_objects, cases, [result.options] * n, [settings] * n), total=n,
+                                desc="objects", unit="case", disable=not progress))
+    else:
+        outputs = (evaluate_case_objects(c, result.options, settings) for c in tqdm(cases, desc="objects", unit="case",
+                                                                                    disable=not progress))
+    for r, o, ap in outputs:
         rows += r
         object_rows += o
         for name, item in ap.items():
