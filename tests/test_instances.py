@@ -127,6 +127,8 @@ def test_instance_model_trains_predicts_and_is_scored_through_the_commands(cells
         assert all(0.05 <= o["score"] <= 1 for o in table["objects"])
         labels = np.asarray(Image.open(preds / f"{case}.png"))
         assert labels.shape == np.asarray(image).shape[:2]
+        assert np.array_equal(np.asarray(inst) > 0, labels > 0)  # the label map is the objects, painted
+        assert table["method"] == "model" and table["target"] is None
     assert main(["evaluate", "--predictions", str(preds), "--manifest", str(cells / "m.csv"), "--output", str(report),
                  "--objects"]) == 0
     objects = pd.read_csv(report / "objects.csv")
@@ -134,6 +136,11 @@ def test_instance_model_trains_predicts_and_is_scored_through_the_commands(cells
     assert len(refs) == _reference_objects(cells, "cell00")  # the reference's own objects, one row each
     assert "Objects" in (report / "report.html").read_text()
     assert "objects" in json.loads((report / "summary.json").read_text())
+    found = objects[(objects["id"] == "cell00") & objects["pred_id"].notna()]["pred_id"].astype(int)
+    ids = set(np.unique(np.asarray(Image.open(preds / "cell00_instances.png"))).tolist()) - {0}
+    assert set(found) <= ids  # objects.csv names the objects by their ids in the instance file
+    assert main(["predict", "--model", str(run), "--input", str(cells / "m.csv"), "--output", str(tmp_path / "p2"),
+                 "--instances", "--instance-target", "foreground"]) == 1  # an instance model's objects are all its classes
 
 
 def test_semantic_model_with_watershed_objects(cells, tmp_path, capsys):
@@ -230,6 +237,34 @@ def test_object_metrics_on_a_constructed_case(tmp_path):
     (preds / "c0_instances.png").unlink()  # without the instance map the touching pair is one component, whose IoU with
     row = scores(tmp_path / "r2")           # the first disc of the pair is just over 0.5 (it keeps the shared pixel)
     assert (row["n_predicted"], row["tp"], row["fn"], row["fp"]) == (3, 2, 1, 1)
+
+
+def test_a_map_of_one_region_is_used_for_that_region_only(tmp_path):
+    """A map written with --instance-target ET holds ET objects: WT and TC are scored on components of their masks."""
+    from medseg.data.io import write_volume
+    from medseg.data.volume import Volume
+
+    ref = np.zeros((30, 20, 16), np.uint8)
+    ref[4:14, 4:14, 4:12] = 2
+    ref[6:9, 6:9, 6:9] = 4
+    ref[10:13, 6:9, 6:9] = 4  # two ET foci inside one whole tumour
+    for name in ("ref", "pred"):
+        (tmp_path / name).mkdir()
+    write_volume(Volume(ref, np.eye(4)), tmp_path / "ref" / "c.nii.gz")
+    write_volume(Volume(ref, np.eye(4)), tmp_path / "pred" / "c.nii.gz")  # a perfect prediction
+    et = np.zeros(ref.shape, np.uint16)
+    et[6:9, 6:9, 6:9], et[10:13, 6:9, 6:9] = 3, 8
+    write_volume(Volume(et, np.eye(4)), tmp_path / "pred" / "c_instances.nii.gz")
+    body = {"method": "components", "target": "ET", "objects": [{"id": 3, "score": 0.9}, {"id": 8, "score": 0.8}]}
+    (tmp_path / "pred" / "c_instances.json").write_text(json.dumps(body))
+    write_volume(Volume(ref.astype(np.float32), np.eye(4)), tmp_path / "ref" / "img.nii.gz")
+    (tmp_path / "m.csv").write_text("id,image,label,label_scheme\nc,ref/img.nii.gz,ref/c.nii.gz,brats\n")
+    assert main(["evaluate", "--predictions", str(tmp_path / "pred"), "--manifest", str(tmp_path / "m.csv"), "--output",
+                 str(tmp_path / "rep"), "--objects", "--no-overlays"]) == 0
+    rows = pd.read_csv(tmp_path / "rep" / "object_metrics.csv").set_index("target")
+    assert (rows["pq"] == 1.0).all() and (rows["aji"] == 1.0).all()  # perfect everywhere: no map misapplied
+    objects = pd.read_csv(tmp_path / "rep" / "objects.csv")
+    assert sorted(objects.loc[objects["target"] == "ET", "pred_id"].astype(int)) == [3, 8]  # the file's ids
 
 
 def test_lesion_wise_through_evaluate_matches_the_array_function(tmp_path):

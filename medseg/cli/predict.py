@@ -24,8 +24,10 @@ compute; --nan-policy zero sets NaN/infinite voxels to 0 instead, with a warning
   medseg predict --model runs/polyp --input ../shared/data/polyp_endotect/images/X.jpg --output preds --overlay
   medseg predict --model runs/nuclei_unet --input ../shared/data/nuclei_dsb2018/images --output preds --instances watershed
   medseg predict --model runs/nuclei_maskrcnn --input ../shared/data/nuclei_dsb2018/images --output preds --instances
-With --instances, <case_id>_instances.png/.nii.gz (uint16: 0 background, one id per object, same grid) and
-<case_id>_instances.json (score, size and centre per object) are written beside the labels."""
+With --instances, <case_id>_instances.png/.nii.gz (0 background, one id per object, same grid; PNG 8-bit up to 255
+objects, else 16-bit; NIfTI uint16, uint32 beyond 65,535) and <case_id>_instances.json (method, target, and score,
+size and centre of mass per object) are written beside the labels. For an instance model the label map is its
+objects painted with their classes."""
 
 
 def register(sub) -> None:

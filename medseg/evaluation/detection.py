@@ -8,8 +8,10 @@ foreground class):
   mask per object, the ``instance-masks`` layout); otherwise connected components of the target's mask (full
   connectivity);
 * **predicted objects**: the instance map that ``medseg predict --instances`` wrote beside the prediction
-  (``<id>_instances.png`` / ``.nii.gz``, scores from ``<id>_instances.json``) when its objects lie inside the
-  target's predicted mask; otherwise connected components of that mask (score 1).
+  (``<id>_instances.png`` / ``.nii.gz``, scores from ``<id>_instances.json``) for the target its JSON names (null:
+  all foreground, i.e. the target made of every foreground label: WT, or the class of a one-class scheme); a map
+  without that record is used where its objects lie inside the target's predicted mask; otherwise connected
+  components of that mask (score 1). Object ids in ``objects.csv`` are those of the files.
 
 The array-level definitions are in :mod:`medseg.evaluation.objects` (matching, PQ, AJI),
 :mod:`medseg.evaluation.precision` (AP), :mod:`medseg.evaluation.lesionwise` (the lesion-wise rules) and
@@ -90,13 +92,35 @@ def instance_files(prediction: Path) -> tuple[Path | None, Path | None]:
     return None, None
 
 
-def _scores(meta: Path | None) -> dict[int, float]:
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What ``<id>_instances.json`` says: scores per object id, and the class or region the objects are of
+    (``target``: None = all foreground; ``recorded`` False when the file, or its target entry, is absent)."""
+
+    scores: dict
+    target: str | None = None
+    recorded: bool = False
+
+
+def read_instance_info(meta: Path | None) -> InstanceInfo:
     if meta is None:
-        return {}
+        return InstanceInfo({})
     try:
-        return {int(o["id"]): float(o["score"]) for o in json.loads(meta.read_text())["objects"]}
+        body = json.loads(meta.read_text())
+        scores = {int(o["id"]): float(o["score"]) for o in body["objects"]}
     except (ValueError, KeyError, TypeError):
         raise MedsegError(f"{meta}: not the object list 'medseg predict --instances' writes; delete it or predict again") from None
+    return InstanceInfo(scores, body.get("target"), "target" in body)
+
+
+def map_applies(info: InstanceInfo, name: str, values: Sequence[int], options: EvaluationOptions) -> bool:
+    """Whether an instance map made for ``info.target`` holds the objects of the evaluated target ``name``: the same
+    class or region, or (a map of all foreground) a target made of every foreground label (WT for BraTS, the class
+    of a one-class scheme)."""
+    if info.target is not None:
+        return info.target == name
+    foreground = {v for v in options.scheme.values if v != 0}
+    return set(values) == foreground
 
 
 def _raw_reference(case: CaseInput, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -129,7 +153,7 @@ def evaluate_case_objects(case: CaseInput, options: EvaluationOptions, settings:
     if pred_inst is not None and pred_inst.shape != pred.shape:
         raise MedsegError(f"case {case.id}: instance map {inst_path} has shape {pred_inst.shape} but the prediction "
                           f"{case.prediction} has {pred.shape}; predict again with --instances")
-    scores = _scores(meta)
+    info = read_instance_info(meta)
     lesion_wise = settings.lesion_wise if settings.lesion_wise is not None else not two_d
     rows, object_rows, ap = [], [], {}
     for name, values in object_targets(options):
@@ -137,11 +161,15 @@ def evaluate_case_objects(case: CaseInput, options: EvaluationOptions, settings:
         if ignored is not None:
             pred_mask &= ~ignored
         ref_objects = np.where(ref_mask, raw, 0) if raw is not None else obj.label_components(ref_mask)
-        use_map = pred_inst is not None and _inside(pred_inst, pred_mask)
+        if pred_inst is None:
+            use_map = False
+        elif info.recorded:  # the map says which target its objects are of
+            use_map = map_applies(info, name, values, options)
+        else:  # a map from elsewhere: used where its objects lie in the target's predicted mask
+            use_map = _inside(pred_inst, pred_mask)
         pred_objects = np.where(pred_mask, pred_inst, 0) if use_map else obj.label_components(pred_mask)
-        ref_objects, pred_objects = obj.relabel_sequential(ref_objects), _relabel_keep(pred_objects)
-        pred_scores = {i: scores.get(old, 1.0) for i, old in pred_objects[1].items()} if use_map else None
-        pred_objects = pred_objects[0]
+        ref_objects, (pred_objects, file_ids) = obj.relabel_sequential(ref_objects), _relabel_keep(pred_objects)
+        pred_scores = {i: info.scores.get(old, 1.0) for i, old in file_ids.items()} if use_map else None
         matching = obj.match_objects(ref_objects, pred_objects, settings.iou_threshold)
         row = {"id": case.id, "target": name, "n_reference": int(ref_objects.max(initial=0)),
                "n_predicted": int(pred_objects.max(initial=0)), **obj.detection_scores(matching),
@@ -151,6 +179,8 @@ def evaluate_case_objects(case: CaseInput, options: EvaluationOptions, settings:
             row.update(lesion_dice=lw.dice, lesion_hd95=lw.hd95, lesion_tp=lw.tp, lesion_fn=lw.fn, lesion_fp=lw.fp)
         rows.append(row)
         for r in obj.object_rows(ref_objects, pred_objects, matching, spacing):
+            if use_map and r.get("pred_id") is not None and r["pred_id"] == r["pred_id"]:
+                r["pred_id"] = file_ids.get(int(r["pred_id"]), r["pred_id"])  # the id in <id>_instances.*
             object_rows.append({"id": case.id, "target": name, **r})
         ap[name] = (*_cropped(ref_objects, pred_objects), pred_scores)
     return rows, object_rows, ap
@@ -255,6 +285,8 @@ def objects_dict(objects: ObjectResult) -> dict:
     """The object summary for ``summary.json``: per target, the mean of each metric and the pooled AP."""
     out: dict = {"settings": {k: getattr(objects.settings, k) for k in ("iou_threshold", "lesion_wise", "dilation",
                                                                         "min_volume", "hd_cap")}, "targets": {}}
+    if objects.settings.lesion_wise is None:
+        out["settings"]["lesion_wise"] = "auto (volumes yes, 2D images no)"
     for row in objects.summary.itertuples():
         value = None if isinstance(row.mean, float) and math.isnan(row.mean) else float(row.mean)
         out["targets"].setdefault(row.target, {})[row.metric] = value

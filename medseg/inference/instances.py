@@ -161,7 +161,8 @@ def object_scores(instances: np.ndarray, probability: np.ndarray | None) -> dict
 
 def object_table(instances: np.ndarray, scores: dict[int, float], spacing: Sequence[float] | None,
                  classes: dict[int, int] | None = None) -> list[dict]:
-    """Rows of ``<id>_instances.json``: id, score, class, voxels, volume in mL (3D) and the centre in voxels."""
+    """Rows of ``<id>_instances.json``: id, score, class, voxels, volume in mL (3D) and the centre of mass in voxel
+    coordinates."""
     ids = sorted(scores)
     if not ids:
         return []
@@ -171,7 +172,7 @@ def object_table(instances: np.ndarray, scores: dict[int, float], spacing: Seque
     rows = []
     for i, centre in zip(ids, centres):
         row = {"id": int(i), "score": round(float(scores[i]), 6), "voxels": int(sizes[i]),
-               "centre": [round(float(c), 2) for c in centre]}
+               "centre_of_mass": [round(float(c), 2) for c in centre]}
         if instances.ndim == 3:
             row["volume_ml"] = round(float(sizes[i]) * voxel_ml, 6)
         if classes:

@@ -302,22 +302,33 @@ class Predictor:
         return self._with_objects(first, labels, prob_vol, imap.reshape(labels.shape), scores, {})
 
     def _predict_objects(self, images: Sequence[Volume], prep: Prepared) -> Prediction:
-        """An instance model: its objects (one pass) give both the semantic labels and the instance map."""
+        """An instance model: its objects (one pass) give the instance map, and the label map is the map's objects
+        painted with their classes (so the two outputs agree voxel for voxel); the probabilities written are the
+        semantic ones rendered from the objects."""
+        from medseg.inference.postprocess import postprocess
+
         first = images[0]
         settings = self.instances or _default_instances()
         probs, imap, scores, classes = self.segmenter.prepared_objects(prep.image, settings.mask_threshold, settings.score_threshold)
         pre = self.loaded.preprocessing
-        background = [1.0] + [0.0] * (probs.shape[0] - 1)
-        full = pre.invert(probs, prep, order="linear", fill=background)
-        labels = self.segmenter.labels(full)
-        prob_vol = first.with_array(np.ascontiguousarray(np.moveaxis(full, 0, -1))) if self.probabilities else None
-        if self.instances is None:
-            return Prediction(first.with_array(labels), prob_vol)
         imap = pre.invert(imap[None].astype(np.float32), prep, order="nearest", fill=0.0)[0].astype(np.int32)
         if settings.min_size or settings.min_volume_ml:
             from medseg.inference.instances import _drop_small
 
             imap = _drop_small(imap, settings, first.spacing)
+        lut = np.zeros(int(imap.max(initial=0)) + 1, np.int64)
+        for i, c in classes.items():
+            if i < lut.size:
+                lut[i] = c
+        scheme = self.loaded.scheme
+        labels = postprocess(scheme.from_indices(lut[imap]), scheme, self.post)
+        imap = np.where(labels > 0, imap, 0)
+        prob_vol = None
+        if self.probabilities:
+            full = pre.invert(probs, prep, order="linear", fill=[1.0] + [0.0] * (probs.shape[0] - 1))
+            prob_vol = first.with_array(np.ascontiguousarray(np.moveaxis(full, 0, -1)))
+        if self.instances is None:
+            return Prediction(first.with_array(labels), prob_vol)
         kept = set(np.unique(imap).tolist()) - {0}
         return self._with_objects(first, labels, prob_vol, imap, {i: s for i, s in scores.items() if i in kept},
                                   {i: c for i, c in classes.items() if i in kept})
@@ -367,7 +378,11 @@ class Predictor:
             if path.name.endswith(("_instances.png", "_instances.nii.gz")) and prediction.instances is not None:
                 written.append(write_volume(prediction.instances, path, dtype=None))
             elif path.name.endswith("_instances.json") and prediction.instances is not None:
-                written.append(_write_objects(path, case_id, prediction, path.name.replace(".json", labels_path.name[len(case_id):])))
+                method = self.instances.method
+                if method == "auto":
+                    method = "model" if self.segmenter.instance_model else "components"
+                written.append(_write_objects(path, case_id, prediction, path.name.replace(".json", labels_path.name[len(case_id):]),
+                                              method, self.instances.target))
             elif path.name.endswith("_prob.nii.gz") and prediction.probabilities is not None:
                 written.append(write_volume(prediction.probabilities, path, dtype=np.float32))
             elif path.name.endswith("_overlay.png") and images:
@@ -389,6 +404,9 @@ def _instance_settings(instances, predictor: Predictor):
     if settings.method == "model" and not predictor.segmenter.instance_model:
         raise MedsegError(f"--instances model: {predictor.loaded.path} is a semantic model; use components or watershed "
                           "(or a model trained with data.target: instances)")
+    if predictor.segmenter.instance_model and settings.method in ("auto", "model") and settings.target is not None:
+        raise MedsegError(f"--instance-target {settings.target}: {predictor.loaded.path} is an instance model, whose objects are "
+                          "all its classes; leave --instance-target out (or use --instances components to split one class)")
     return settings
 
 
@@ -409,13 +427,14 @@ def _plane_stack(probs: np.ndarray, first: Volume) -> np.ndarray:
     return probs[..., 0] if first.meta.get("image2d") and probs.ndim == 4 and probs.shape[3] == 1 else probs
 
 
-def _write_objects(path: Path, case_id: str, prediction: Prediction, map_name: str) -> Path:
-    """``<id>_instances.json``: the objects of the instance map (id, score, size, centre), written atomically."""
+def _write_objects(path: Path, case_id: str, prediction: Prediction, map_name: str, method: str, target: str | None) -> Path:
+    """``<id>_instances.json``: how the objects were made (``method``; ``target``: the class or region they are
+    objects of, null = all foreground) and one entry per object (id, score, size, centre of mass), atomically."""
     import json
 
     from medseg.atomic import atomic_path
 
-    body = {"case": case_id, "instances": map_name, "objects": list(prediction.objects)}
+    body = {"case": case_id, "instances": map_name, "method": method, "target": target, "objects": list(prediction.objects)}
     with atomic_path(path, suffix=".json") as tmp:
         Path(tmp).write_text(json.dumps(body, indent=1))
     return path
@@ -465,6 +484,9 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
     predictor.overlay = overlay
     predictor.instances = _instance_settings(instances, predictor)
     predictor.crf = (dict(crf) if isinstance(crf, dict) else {}) if crf else None
+    if crf and predictor.segmenter.instance_model:
+        raise MedsegError(f"--crf refines a semantic model's probabilities; {model} is an instance model, whose labels are "
+                          "its objects: predict without --crf")
     predictor.nan_policy = nan_policy
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]

@@ -73,6 +73,10 @@ class ModelStep:
             raise MedsegError(f"data.target: {p.data.target} does not fit model {p.model.name}, "
                               + ("an instance model: set data.target: instances (labels are instance maps, one id per object)"
                                  if instances else "a semantic model: data.target instances needs an instance model (maskrcnn, yolact)"))
+        if instances and out_channels != 2:
+            raise MedsegError(f"data.label_scheme: instance models are trained here on instance maps of one kind of object, "
+                              f"but the scheme has {out_channels - 1} foreground classes; use a one-class scheme such as "
+                              "foreground (per-object classes are not read from the labels yet)")
         if p.model.init_weights:
             load_initial_weights(model, p.resolve(p.model.init_weights))
         model = model.to(device)
