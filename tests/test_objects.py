@@ -1,5 +1,5 @@
-"""Per-object metrics (``medseg.evaluation.objects``, ``.precision``, ``.lesionwise``): hand-worked cases, brute
-force, and pycocotools for AP."""
+"""Per-object metrics (``medseg.evaluation.objects``, ``.matching``, ``.precision``, ``.lesionwise``): hand-worked
+cases, brute force, and pycocotools for AP."""
 from __future__ import annotations
 
 import doctest
@@ -11,12 +11,13 @@ from scipy.optimize import linear_sum_assignment
 
 from medseg.errors import MedsegError
 from medseg.evaluation import lesionwise
+from medseg.evaluation import matching as mat
 from medseg.evaluation import objects as obj
 from medseg.evaluation import precision
 from medseg.evaluation import surface as surf
 
 
-@pytest.mark.parametrize("module", [obj, precision, lesionwise], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("module", [obj, mat, precision, lesionwise], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0
@@ -84,16 +85,16 @@ def test_overlap_table_against_brute_force():
 def test_matching_is_one_to_one_at_exactly_half():
     ref = np.array([[1, 1, 1, 1, 1, 1, 1, 1]])
     pred = np.array([[1, 1, 1, 1, 2, 2, 2, 2]])  # two halves: IoU 4/8 = 0.5 each, both pass ">= 0.5"
-    m = obj.match_objects(ref, pred, 0.5)
+    m = mat.match_objects(ref, pred, 0.5)
     assert (m.tp, m.fp, m.fn) == (1, 1, 0) and m.iou.tolist() == [0.5]
 
 
 def test_matching_prediction_covering_two_references_and_swap():
     ref = np.array([[1, 1, 1, 1, 2, 2, 0, 0, 0]])
     pred = np.array([[5, 5, 5, 5, 5, 5, 5, 5, 0]])  # IoU with 1: 4/8 = 0.5, with 2: 2/8 = 0.25
-    m = obj.match_objects(ref, pred, 0.2)
+    m = mat.match_objects(ref, pred, 0.2)
     assert (m.ref_ids.tolist(), m.pred_ids.tolist(), m.unmatched_ref.tolist(), m.unmatched_pred.tolist()) == ([1], [5], [2], [])
-    s = obj.match_objects(pred, ref, 0.2)
+    s = mat.match_objects(pred, ref, 0.2)
     assert (s.ref_ids.tolist(), s.pred_ids.tolist(), s.unmatched_ref.tolist(), s.unmatched_pred.tolist()) == ([5], [1], [], [2])
 
 
@@ -102,10 +103,10 @@ def test_matching_takes_most_pairs_then_scores_use_coco_greedy():
     # IoU(G1,S1) = 8/11 = 0.727, IoU(G2,S1) = 1/12 = 0.083, IoU(G1,S2) = 2/10 = 0.2.
     ref = np.array([[1] * 10 + [2] * 4])
     pred = np.array([[1] * 8 + [2] * 2 + [1] + [0] * 3])
-    m = obj.match_objects(ref, pred, 0.05)  # two pairs (total IoU 0.283) beat one pair of IoU 0.727
+    m = mat.match_objects(ref, pred, 0.05)  # two pairs (total IoU 0.283) beat one pair of IoU 0.727
     assert list(zip(m.ref_ids.tolist(), m.pred_ids.tolist())) == [(1, 2), (2, 1)]
     assert np.allclose(m.iou, [0.2, 1 / 12])
-    g = obj.match_objects(ref, pred, 0.05, scores={1: 0.9, 2: 0.1})  # S1 first takes G1; S2 finds G1 taken
+    g = mat.match_objects(ref, pred, 0.05, scores={1: 0.9, 2: 0.1})  # S1 first takes G1; S2 finds G1 taken
     assert list(zip(g.ref_ids.tolist(), g.pred_ids.tolist())) == [(1, 1)] and (g.fp, g.fn) == (1, 1)
 
 
@@ -115,7 +116,7 @@ def test_matching_properties_on_random_maps(threshold):
     for _ in range(5):
         ref, pred = _random_instances(rng, (24, 30), 14), _random_instances(rng, (24, 30), 14)
         t = obj.overlap_table(ref, pred)
-        m = obj.match_objects(ref, pred, threshold)
+        m = mat.match_objects(ref, pred, threshold)
         assert len(set(m.ref_ids)) == m.tp == len(set(m.pred_ids))  # one-to-one
         assert np.all(m.iou >= threshold)
         assert m.tp + m.fn == t.ref_ids.size and m.tp + m.fp == t.pred_ids.size
@@ -123,7 +124,7 @@ def test_matching_properties_on_random_maps(threshold):
         cand &= t.iou_matrix() > 0
         r, c = linear_sum_assignment(cand, maximize=True)
         assert m.tp == int(cand[r, c].sum())
-        s = obj.match_objects(pred, ref, threshold)
+        s = mat.match_objects(pred, ref, threshold)
         assert (s.tp, s.fp, s.fn) == (m.tp, m.fn, m.fp)
         assert sorted(zip(s.pred_ids.tolist(), s.ref_ids.tolist())) == sorted(zip(m.ref_ids.tolist(), m.pred_ids.tolist()))
 
@@ -143,24 +144,24 @@ def _pq_case():
 def test_detection_scores_and_empty_rules():
     ref, pred = _pq_case()
     ref[11, 19] = 4  # a missed reference object
-    d = obj.detection_scores(obj.match_objects(ref, pred))
+    d = mat.detection_scores(mat.match_objects(ref, pred))
     # TP 2 (objects 1, 2), FP 1, FN 1: precision 2/3, recall 2/3, F1 = 4 / (4 + 1 + 1)
     assert (d["tp"], d["fp"], d["fn"]) == (2, 1, 1)
     assert d["precision"] == pytest.approx(2 / 3) and d["recall"] == pytest.approx(2 / 3) and d["f1"] == pytest.approx(4 / 6)
     empty = np.zeros((3, 4), int)
-    assert obj.detection_scores(obj.match_objects(empty, empty)) == {"tp": 0, "fp": 0, "fn": 0, "precision": 1.0, "recall": 1.0, "f1": 1.0}
-    d = obj.detection_scores(obj.match_objects(ref, np.zeros_like(ref)))
+    assert mat.detection_scores(mat.match_objects(empty, empty)) == {"tp": 0, "fp": 0, "fn": 0, "precision": 1.0, "recall": 1.0, "f1": 1.0}
+    d = mat.detection_scores(mat.match_objects(ref, np.zeros_like(ref)))
     assert (d["precision"], d["recall"], d["f1"]) == (0.0, 0.0, 0.0)
 
 
 def test_panoptic_quality_hand_case():
     ref, pred = _pq_case()
-    q = obj.panoptic_quality(obj.match_objects(ref, pred, 0.5))
+    q = mat.panoptic_quality(mat.match_objects(ref, pred, 0.5))
     # SQ = (1 + 0.625) / 2 = 0.8125; RQ = 2 / (2 + 1/2 + 0/2) = 0.8; PQ = 0.8125 * 0.8 = 0.65
     assert q == pytest.approx({"pq": 0.65, "sq": 0.8125, "rq": 0.8})
     empty = np.zeros((3, 4), int)
-    assert obj.panoptic_quality(obj.match_objects(empty, empty)) == {"pq": 1.0, "sq": 1.0, "rq": 1.0}
-    assert obj.panoptic_quality(obj.match_objects(ref, np.zeros_like(ref)))["pq"] == 0.0
+    assert mat.panoptic_quality(mat.match_objects(empty, empty)) == {"pq": 1.0, "sq": 1.0, "rq": 1.0}
+    assert mat.panoptic_quality(mat.match_objects(ref, np.zeros_like(ref)))["pq"] == 0.0
 
 
 def test_aggregated_jaccard_hand_case():
@@ -389,7 +390,7 @@ def test_object_rows():
     ref[0:2, 0:2, 0:2] = 4; pred[0:2, 0:2, 0:3] = 9     # 8 voxels vs 12: IoU 8/12
     ref[4:6, 5:7, 6:8] = 2                              # missed
     pred[3, 0, 7] = 1                                   # false positive
-    m = obj.match_objects(ref, pred)
+    m = mat.match_objects(ref, pred)
     rows = obj.object_rows(ref, pred, m, spacing=(1.0, 2.0, 3.0))  # 6 mm^3 per voxel
     assert [(r["kind"], r["ref_id"], r["pred_id"], r["detected"]) for r in rows] == [
         ("reference", 2, None, False), ("reference", 4, 9, True), ("false_positive", None, 1, False)]
@@ -397,7 +398,7 @@ def test_object_rows():
     assert rows[1]["centre"] == (0.5, 0.5, 0.5) and rows[0]["centre"] == (4.5, 5.5, 6.5)
     assert rows[1]["iou"] == pytest.approx(2 / 3) and rows[1]["dice"] == pytest.approx(2 * 8 / 20)
     assert np.isnan(rows[0]["iou"]) and rows[2]["voxels"] == 1
-    flat = obj.object_rows(ref[0], pred[0], obj.match_objects(ref[0], pred[0]), spacing=(1.0, 1.0))
+    flat = obj.object_rows(ref[0], pred[0], mat.match_objects(ref[0], pred[0]), spacing=(1.0, 1.0))
     assert np.isnan(flat[0]["volume_ml"]) and flat[0]["voxels"] == 4  # 2D: pixel count, no mL
     with pytest.raises(MedsegError, match="does not belong"):
         obj.object_rows(ref, np.zeros_like(pred), m)
@@ -410,7 +411,7 @@ def test_bad_inputs_are_reported_and_inputs_untouched():
     pred = ref.copy(); pred[4, 5] = 7
     before = (ref.copy(), pred.copy())
     with pytest.raises(MedsegError, match="share one grid"):
-        obj.match_objects(ref, pred[:, :5])
+        mat.match_objects(ref, pred[:, :5])
     with pytest.raises(MedsegError, match="non-negative"):
         obj.overlap_table(ref, -pred)
     with pytest.raises(MedsegError, match="2 or more axes"):
@@ -418,11 +419,11 @@ def test_bad_inputs_are_reported_and_inputs_untouched():
     with pytest.raises(MedsegError, match="integers"):
         obj.overlap_table(ref + 0.5, pred)
     with pytest.raises(MedsegError, match=r"no score for predicted objects \[7\]"):
-        obj.match_objects(ref, pred, scores={3: 0.5})
+        mat.match_objects(ref, pred, scores={3: 0.5})
     with pytest.raises(MedsegError, match=r"images\[0\] scores: scores for ids \[8\]"):
         precision.average_precision([(ref, pred, {3: 0.5, 7: 0.1, 8: 0.2})])
     with pytest.raises(MedsegError, match="iou_threshold"):
-        obj.match_objects(ref, pred, 1.5)
+        mat.match_objects(ref, pred, 1.5)
     with pytest.raises(MedsegError, match="np.isin"):
         lesionwise.lesion_wise(ref, pred > 0, (1.0, 1.0))
     with pytest.raises(MedsegError, match="spacing"):

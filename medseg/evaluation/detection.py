@@ -13,10 +13,10 @@ foreground class):
   without that record is used where its objects lie inside the target's predicted mask; otherwise connected
   components of that mask (score 1). Object ids in ``objects.csv`` are those of the files.
 
-The array-level definitions are in :mod:`medseg.evaluation.objects` (matching, PQ, AJI),
-:mod:`medseg.evaluation.precision` (AP), :mod:`medseg.evaluation.lesionwise` (the lesion-wise rules) and
-``docs/evaluation.md``. AP pools every case's objects of a target (COCO does
-the same over images); the other metrics are per case, then averaged.
+The array-level definitions are in :mod:`medseg.evaluation.matching` (matching, detection, PQ),
+:mod:`medseg.evaluation.objects` (components, AJI, object rows), :mod:`medseg.evaluation.precision` (AP),
+:mod:`medseg.evaluation.lesionwise` (the lesion-wise rules) and ``docs/evaluation.md``. AP pools every case's
+objects of a target (COCO does the same over images); the other metrics are per case, then averaged.
 """
 from __future__ import annotations
 
@@ -138,6 +138,7 @@ def _plane(array: np.ndarray, two_d: bool) -> np.ndarray:
 def evaluate_case_objects(case: CaseInput, options: EvaluationOptions, settings: ObjectSettings):
     """Rows (per target), object rows and AP inputs ``{target: (reference, prediction, scores)}`` of one case."""
     from medseg.evaluation import lesionwise
+    from medseg.evaluation import matching as mat
     from medseg.evaluation import objects as obj
 
     ref_vol, pred = load_case(case, options)
@@ -170,10 +171,10 @@ def evaluate_case_objects(case: CaseInput, options: EvaluationOptions, settings:
         pred_objects = np.where(pred_mask, pred_inst, 0) if use_map else obj.label_components(pred_mask)
         ref_objects, (pred_objects, file_ids) = obj.relabel_sequential(ref_objects), _relabel_keep(pred_objects)
         pred_scores = {i: info.scores.get(old, 1.0) for i, old in file_ids.items()} if use_map else None
-        matching = obj.match_objects(ref_objects, pred_objects, settings.iou_threshold)
+        matching = mat.match_objects(ref_objects, pred_objects, settings.iou_threshold)
         row = {"id": case.id, "target": name, "n_reference": int(ref_objects.max(initial=0)),
-               "n_predicted": int(pred_objects.max(initial=0)), **obj.detection_scores(matching),
-               **obj.panoptic_quality(matching), "aji": obj.aggregated_jaccard(ref_objects, pred_objects)}
+               "n_predicted": int(pred_objects.max(initial=0)), **mat.detection_scores(matching),
+               **mat.panoptic_quality(matching), "aji": obj.aggregated_jaccard(ref_objects, pred_objects)}
         if lesion_wise:
             lw = lesionwise.lesion_wise(ref_mask, pred_mask, spacing, settings.dilation, settings.min_volume, settings.hd_cap)
             row.update(lesion_dice=lw.dice, lesion_hd95=lw.hd95, lesion_tp=lw.tp, lesion_fn=lw.fn, lesion_fp=lw.fp)

@@ -6,24 +6,23 @@ An **instance map** is an integer array ``(*spatial)`` where 0 is background and
 - :func:`label_components`, :func:`relabel_sequential`: instance maps from masks; ids made consecutive.
 - :func:`overlap_table`: ids, sizes and pairwise intersections of two instance maps from one ``bincount``. It is the
   one place that computes object overlaps; everything below uses it, and so do the modules named next.
-- :func:`match_objects` (:func:`match_overlap` on a table): one-to-one matching at an IoU threshold ->
-  :class:`Matching`; :func:`detection_scores` (precision, recall, F1) and :func:`panoptic_quality` (PQ, SQ, RQ).
 - :func:`aggregated_jaccard`: AJI (Kumar et al. 2017), AJI+ (Graham et al. 2019) with ``one_to_one=True``.
-- :func:`object_rows`: one row per object, for a table.
+- :func:`object_rows`: one row per object of a matching, for a table.
 
-Built on these, in their own modules: COCO-style average precision over a set of images in
-:mod:`medseg.evaluation.precision` (``average_precision``), and the BraTS 2023 lesion-wise Dice and HD95 in
-:mod:`medseg.evaluation.lesionwise` (``lesion_wise`` -> ``LesionWise``).
+Built on these, in their own modules: one-to-one matching at an IoU threshold (``match_objects`` -> ``Matching``),
+detection scores (precision, recall, F1) and panoptic quality (PQ, SQ, RQ) in :mod:`medseg.evaluation.matching`;
+COCO-style average precision over a set of images in :mod:`medseg.evaluation.precision` (``average_precision``);
+and the BraTS 2023 lesion-wise Dice and HD95 in :mod:`medseg.evaluation.lesionwise` (``lesion_wise`` ->
+``LesionWise``).
 
-Empty rules, as the ``"brats"`` rule of :mod:`medseg.evaluation.metrics`: no object on either side gives precision,
-recall, F1, PQ, SQ, RQ and AJI 1; objects on one side only give 0. Sizes are voxel counts; ``volume_ml`` is
-voxels x prod(spacing) / 1000 for 3D arrays and NaN for 2D ones (a pixel has an area, not a volume: use
-``voxels``, the pixel count).
+Empty rules, as the ``"brats"`` rule of :mod:`medseg.evaluation.metrics`: no object on either side gives AJI 1;
+objects on one side only give 0. Sizes are voxel counts; ``volume_ml`` is voxels x prod(spacing) / 1000 for 3D
+arrays and NaN for 2D ones (a pixel has an area, not a volume: use ``voxels``, the pixel count).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -31,6 +30,9 @@ from scipy.optimize import linear_sum_assignment
 
 from medseg.errors import MedsegError, check_choice
 from medseg.evaluation.metrics import _as_labels
+
+if TYPE_CHECKING:  # matching.py imports this module
+    from medseg.evaluation.matching import Matching
 
 CONNECTIVITIES = ("full", "face")
 
@@ -233,41 +235,7 @@ def overlap_table(reference: np.ndarray, prediction: np.ndarray) -> ObjectOverla
     return _overlap(*_pair(reference, prediction))
 
 
-# ------------------------------------------------------------------------------------------------- matching
-
-@dataclass(frozen=True, eq=False)
-class Matching:
-    """A one-to-one matching of reference objects to predicted objects.
-
-    Attributes:
-        ref_ids, pred_ids, iou: ``(TP,)`` the matched pairs (object ids) and their IoU, sorted by reference id.
-        unmatched_ref: ids of reference objects without a match (false negatives), ascending.
-        unmatched_pred: ids of predicted objects without a match (false positives), ascending.
-        iou_threshold: every pair has IoU >= this.
-    """
-
-    ref_ids: np.ndarray
-    pred_ids: np.ndarray
-    iou: np.ndarray
-    unmatched_ref: np.ndarray
-    unmatched_pred: np.ndarray
-    iou_threshold: float
-
-    @property
-    def tp(self) -> int:
-        """Matched pairs (true positives)."""
-        return int(self.ref_ids.size)
-
-    @property
-    def fp(self) -> int:
-        """Unmatched predicted objects (false positives)."""
-        return int(self.unmatched_pred.size)
-
-    @property
-    def fn(self) -> int:
-        """Unmatched reference objects (false negatives)."""
-        return int(self.unmatched_ref.size)
-
+# ------------------------------------------------------------------------------------------ assignment, AJI
 
 def _assign(rows: np.ndarray, cols: np.ndarray, weight: np.ndarray, most_pairs: bool) -> np.ndarray:
     """Positions of a one-to-one choice among the pairs ``(rows[k], cols[k])``: the largest total ``weight``
@@ -286,114 +254,6 @@ def _assign(rows: np.ndarray, cols: np.ndarray, weight: np.ndarray, most_pairs: 
     chosen = pair[a, b]
     return np.sort(chosen[chosen >= 0])
 
-
-def _greedy(rows: np.ndarray, cols: np.ndarray, iou: np.ndarray, score: np.ndarray, n_rows: int) -> np.ndarray:
-    """COCO matching: predictions by descending score (stable) each take the unmatched reference of highest IoU
-    (ties: the later reference, as pycocotools). Pairs are sorted by row; returns positions of the chosen pairs."""
-    by_col = np.argsort(cols, kind="stable")
-    starts = np.searchsorted(cols[by_col], np.arange(score.size + 1))
-    taken = np.zeros(n_rows, dtype=bool)
-    chosen = []
-    for c in np.argsort(-score, kind="stable"):
-        cand = by_col[starts[c]:starts[c + 1]]
-        cand = cand[~taken[rows[cand]]]
-        if cand.size:
-            best = cand[np.flatnonzero(iou[cand] == iou[cand].max())[-1]]
-            taken[rows[best]] = True
-            chosen.append(best)
-    return np.sort(np.asarray(chosen, dtype=np.int64))
-
-
-def _score_array(pred_ids: np.ndarray, scores: Mapping[int, float] | None, name: str) -> np.ndarray:
-    if scores is None:
-        return np.ones(pred_ids.size)
-    missing = [int(i) for i in pred_ids if int(i) not in scores]
-    extra = sorted(set(int(k) for k in scores) - set(pred_ids.tolist()))
-    if missing or extra:
-        what = (f"no score for predicted objects {missing[:5]}" if missing
-                else f"scores for ids {extra[:5]} absent from the prediction")
-        raise MedsegError(f"{name}: {what}; give one score per non-zero object id of the prediction map")
-    values = np.array([float(scores[int(i)]) for i in pred_ids])
-    if not np.all(np.isfinite(values)):
-        raise MedsegError(f"{name}: scores must be finite numbers")
-    return values
-
-
-def match_overlap(table: ObjectOverlap, iou_threshold: float = 0.5,
-                  scores: Mapping[int, float] | None = None) -> Matching:
-    """One-to-one matching of the objects of an :func:`overlap_table`; see :func:`match_objects`."""
-    if not 0.0 <= iou_threshold <= 1.0:
-        raise MedsegError(f"iou_threshold={iou_threshold} must lie in [0, 1]")
-    cand = np.flatnonzero(table.iou >= iou_threshold)
-    rows, cols, iou = table.ref_index[cand], table.pred_index[cand], table.iou[cand]
-    if scores is None:
-        chosen = _assign(rows, cols, iou, most_pairs=True)
-    else:
-        chosen = _greedy(rows, cols, iou, _score_array(table.pred_ids, scores, "scores"), table.ref_ids.size)
-    rows, cols = rows[chosen], cols[chosen]
-    return Matching(table.ref_ids[rows], table.pred_ids[cols], iou[chosen], np.delete(table.ref_ids, rows),
-                    np.delete(table.pred_ids, cols), float(iou_threshold))
-
-
-def match_objects(reference: np.ndarray, prediction: np.ndarray, iou_threshold: float = 0.5,
-                  scores: Mapping[int, float] | None = None) -> Matching:
-    """Match reference objects to predicted objects one-to-one; pairs need IoU >= ``iou_threshold`` (and overlap).
-
-    Without ``scores``, the matching has the most pairs and, among those, the largest total IoU (optimal
-    assignment, ``scipy.optimize.linear_sum_assignment``). Above 0.5 each object has at most one candidate
-    (two objects with IoU > 0.5 with a third would share more than half of it), so the pairs are simply all
-    candidates; at exactly 0.5 two halves of an object both qualify, and the assignment keeps one. With
-    ``scores`` (predicted id -> confidence), COCO's greedy rule is used instead: by descending score, each
-    prediction takes the unmatched reference of highest IoU. Swapping reference and prediction (no scores)
-    swaps the false negatives and false positives and keeps the pairs (up to ties).
-
-    Args:
-        reference, prediction: instance maps of one shape ``(*spatial)``, 0 = background.
-        iou_threshold: in ``[0, 1]``.
-        scores: optional confidence per predicted object id (all ids of ``prediction``).
-
-    Example:
-        >>> ref = np.array([[1, 1, 1, 1, 0, 2, 2]])
-        >>> m = match_objects(ref, np.array([[3, 3, 4, 4, 0, 0, 0]]))
-        >>> m.ref_ids.tolist(), m.pred_ids.tolist(), m.unmatched_ref.tolist(), m.unmatched_pred.tolist()
-        ([1], [3], [2], [4])
-    """
-    return match_overlap(overlap_table(reference, prediction), iou_threshold, scores)
-
-
-def detection_scores(matching: Matching) -> dict[str, float]:
-    """Object-level ``tp``, ``fp``, ``fn``, ``precision``, ``recall`` and ``f1`` = 2TP / (2TP + FP + FN).
-
-    No objects on either side: precision = recall = F1 = 1. Objects on one side only: all three 0.
-
-    Example:
-        >>> detection_scores(match_objects(np.array([[1, 0, 2]]), np.array([[1, 0, 0]])))["recall"]
-        0.5
-    """
-    tp, fp, fn = matching.tp, matching.fp, matching.fn
-    if tp + fp + fn == 0:
-        return {"tp": 0, "fp": 0, "fn": 0, "precision": 1.0, "recall": 1.0, "f1": 1.0}
-    return {"tp": tp, "fp": fp, "fn": fn, "precision": tp / (tp + fp) if tp + fp else 0.0,
-            "recall": tp / (tp + fn) if tp + fn else 0.0, "f1": 2 * tp / (2 * tp + fp + fn)}
-
-
-def panoptic_quality(matching: Matching) -> dict[str, float]:
-    """Panoptic quality of one class (Kirillov et al., CVPR 2019): ``sq`` = mean IoU of the matched pairs,
-    ``rq`` = TP / (TP + FP/2 + FN/2), ``pq`` = SQ x RQ (the paper matches at IoU > 0.5).
-
-    No objects on either side: PQ = SQ = RQ = 1; no matched pair otherwise: all 0.
-
-    Example:
-        >>> m = match_objects(np.array([[1, 1, 1, 1, 0, 2]]), np.array([[1, 1, 1, 0, 0, 0]]))
-        >>> {k: round(v, 3) for k, v in panoptic_quality(m).items()}
-        {'pq': 0.5, 'sq': 0.75, 'rq': 0.667}
-    """
-    tp, fp, fn = matching.tp, matching.fp, matching.fn
-    if tp + fp + fn == 0:
-        return {"pq": 1.0, "sq": 1.0, "rq": 1.0}
-    sq = float(np.mean(matching.iou)) if tp else 0.0
-    rq = tp / (tp + 0.5 * fp + 0.5 * fn)
-    return {"pq": sq * rq, "sq": sq, "rq": rq}
 
 
 def aggregated_jaccard(reference: np.ndarray, prediction: np.ndarray, one_to_one: bool = False) -> float:
@@ -457,10 +317,11 @@ def object_rows(reference: np.ndarray, prediction: np.ndarray, matching: Matchin
 
     Args:
         reference, prediction: the instance maps ``matching`` was computed on.
-        matching: from :func:`match_objects`.
+        matching: from :func:`medseg.evaluation.matching.match_objects` on these maps.
         spacing: voxel size in mm per axis, for ``volume_ml``.
 
     Example:
+        >>> from medseg.evaluation.matching import match_objects
         >>> ref, pred = np.array([[1, 1, 0, 0]]), np.array([[2, 2, 0, 3]])
         >>> [(r["kind"], r["pred_id"], r["centre"], r["dice"]) for r in object_rows(ref, pred, match_objects(ref, pred))]
         [('reference', 2, (0.0, 0.5), 1.0), ('false_positive', 3, (0.0, 3.0), nan)]
@@ -472,7 +333,7 @@ def object_rows(reference: np.ndarray, prediction: np.ndarray, matching: Matchin
              np.sort(np.concatenate([matching.pred_ids, matching.unmatched_pred])))
     if not (np.array_equal(given[0], ref_ids) and np.array_equal(given[1], pred_ids)):
         raise MedsegError("matching does not belong to these instance maps (its object ids differ); compute it "
-                          "with match_objects(reference, prediction)")
+                          "with medseg.evaluation.matching.match_objects(reference, prediction)")
     spacing = None if spacing is None else _spacing(spacing, ref.ndim)
     pairs = {int(a): (int(b), float(v)) for a, b, v in zip(matching.ref_ids, matching.pred_ids, matching.iou)}
     ref_geo, pred_geo = _geometry(r, ref_ids.size, spacing), _geometry(p, pred_ids.size, spacing)

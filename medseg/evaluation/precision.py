@@ -4,7 +4,8 @@
   AP50 and AP75, following ``pycocotools`` ``COCOeval`` (iouType ``"segm"``); the rules are in its docstring.
 
 Inputs are instance maps, as in :mod:`medseg.evaluation.objects` (an integer array ``(*spatial)``, 0 background,
-each other value one object), whose overlap table, input checks and greedy score-ordered matching are used here.
+each other value one object), whose overlap table and input checks are used here, with the greedy score-ordered
+matching of :mod:`medseg.evaluation.matching`.
 With no reference object in any image, AP is NaN.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.evaluation.objects import _greedy, _overlap, _pair, _score_array
+from medseg.evaluation.matching import _greedy, _score_array
+from medseg.evaluation.objects import _overlap, _pair
 
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # the floats pycocotools uses
 COCO_RECALL_POINTS = np.linspace(0.0, 1.0, 101)
