@@ -170,6 +170,9 @@ def test_target_and_model_kind_must_agree(cells, tmp_path, capsys):
     assert main(["train", str(_pipeline(cells, "bad2", "yolact", dict(MODELS["yolact"].test_kwargs), "labels")),
                  "--output", str(tmp_path / "b")]) == 1
     assert "set data.target: instances" in capsys.readouterr().err
+    one_class = _pipeline(cells, "bad3", "maskrcnn", dict(MODELS["maskrcnn"].test_kwargs), "instances")
+    assert main(["train", str(one_class), "--output", str(tmp_path / "c"), "--set", "data.label_scheme=msd"]) == 1
+    assert "one kind of object" in capsys.readouterr().err  # objects carry no class yet: a 3-class scheme is refused
 
 
 def test_init_weights_loads_matching_tensors(tmp_path, capsys):
