@@ -70,7 +70,7 @@ class PseudoTrained(torch.nn.Module):
 
 def build_network(args) -> tuple[torch.nn.Module, str]:
     if args.model:
-        from medseg.inference.predictor import load_model
+        from medseg.inference.loading import load_model
 
         return load_model(args.model).model, f"checkpoint {args.model}"
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def bench_preprocessing(model: str | None, normalize: str = "zscore_nonzero"):
     from medseg.data.preprocess import Preprocessing
 
     if model:
-        from medseg.inference.predictor import load_model
+        from medseg.inference.loading import load_model
 
         return dataclasses.replace(load_model(model).preprocessing, crop_foreground=False, normalize=normalize)
     return Preprocessing(orientation=None, crop_foreground=False, normalize=normalize)

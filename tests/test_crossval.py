@@ -13,7 +13,8 @@ from medseg.data.io import read_volume
 from medseg.data.labels import get_scheme
 from medseg.data.manifest import read_manifest
 from medseg.inference.postprocess import PostprocessSettings, keep_largest_component, postprocess
-from medseg.inference.predictor import Predictor, load_model, settings_for
+from medseg.inference.loading import load_model, settings_for
+from medseg.inference.predictor import Predictor
 from medseg.training.crossval import choose_postprocessing, mean_dice
 
 TINY = {

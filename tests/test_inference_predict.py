@@ -15,6 +15,7 @@ from medseg.data.io import read_volume, write_volume
 from medseg.data.labels import get_scheme
 from medseg.data.volume import Volume
 from medseg.inference import postprocess as pp
+from medseg.inference import loading
 from medseg.inference import predictor as P
 from medseg.inference.inputs import case_id_from_file
 
@@ -39,7 +40,7 @@ class TinyNet(torch.nn.Module):
 
 @pytest.fixture(autouse=True)
 def tiny_registry(monkeypatch):
-    monkeypatch.setattr(P, "build_model", lambda cfg: TinyNet(cfg["spatial_dims"], cfg["in_channels"], cfg["out_channels"]))
+    monkeypatch.setattr(loading, "build_model", lambda cfg: TinyNet(cfg["spatial_dims"], cfg["in_channels"], cfg["out_channels"]))
 
 
 def make_checkpoint(path: Path, channels=("flair", "t1", "t1ce", "t2"), target="regions", scheme="brats", roi=(32, 32, 32),

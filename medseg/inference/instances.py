@@ -120,14 +120,15 @@ def semantic_instances(labels: np.ndarray, settings: InstanceSettings = Instance
     mask = foreground_of(labels, scheme, settings.target)
     if method == "watershed":
         instances = watershed_split(mask, spacing, settings.min_distance)
-        instances = _drop_small(instances, settings, spacing)
+        instances = drop_small(instances, settings, spacing)
     else:
         instances = label_components(mask, min_size=settings.min_size, spacing=spacing, min_volume_ml=settings.min_volume_ml)
     instances = relabel_sequential(instances).astype(np.int32)
     return instances, object_scores(instances, _foreground_probability(probabilities, scheme, settings.target))
 
 
-def _drop_small(instances: np.ndarray, settings: InstanceSettings, spacing: Sequence[float] | None) -> np.ndarray:
+def drop_small(instances: np.ndarray, settings: InstanceSettings, spacing: Sequence[float] | None) -> np.ndarray:
+    """Objects below ``settings.min_size`` voxels or ``settings.min_volume_ml`` set to background."""
     sizes = np.bincount(instances.ravel())
     voxel_ml = float(np.prod(spacing[: instances.ndim])) / 1000.0 if spacing is not None else 0.0
     small = (sizes < settings.min_size) | (sizes * voxel_ml < settings.min_volume_ml if voxel_ml else False)
@@ -179,3 +180,75 @@ def object_table(instances: np.ndarray, scores: dict[int, float], spacing: Seque
             row["class"] = int(classes.get(i, 1))
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- objects at prediction time
+def check_settings(instances, instance_model: bool, model_path) -> InstanceSettings | None:
+    """``predict(instances=...)`` (settings, a method name, True for auto, or None/False for no objects) as
+    settings, checked against the kind of model."""
+    if not instances:
+        return None
+    settings = instances if isinstance(instances, InstanceSettings) else InstanceSettings("auto" if instances is True else str(instances))
+    if settings.method == "model" and not instance_model:
+        raise MedsegError(f"--instances model: {model_path} is a semantic model; use components or watershed "
+                          "(or a model trained with data.target: instances)")
+    if instance_model and settings.method in ("auto", "model") and settings.target is not None:
+        raise MedsegError(f"--instance-target {settings.target}: {model_path} is an instance model, whose objects are "
+                          "all its classes; leave --instance-target out (or use --instances components to split one class)")
+    return settings
+
+
+def model_objects(model, image, out_channels: int, mask_threshold: float = 0.5,
+                  score_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict[int, float], dict[int, int]]:
+    """An instance model on a whole prepared image ``(C, *spatial)``: the semantic probabilities rendered from its
+    objects ``(K, *spatial)``, the instance map, ``{id: score}`` and ``{id: class index}``. A 2D model on a volume
+    (or on a 2D image stored ``W x H x 1``) runs per slice of the last axis; ids stay unique over slices, but objects
+    are not linked across them."""
+    import torch
+
+    from medseg.models.instance import instance_map, render_semantic
+
+    device = next(model.parameters()).device
+    image = torch.as_tensor(image, dtype=torch.float32)
+    if image.ndim - 1 == model.spatial_dims:
+        slices = [image]
+    elif image.ndim - 1 == model.spatial_dims + 1:
+        slices = list(image.unbind(dim=-1))
+    else:
+        raise MedsegError(f"a {model.spatial_dims}D instance model cannot segment an image of shape {tuple(image.shape[1:])}")
+    probs, maps, scores, classes = [], [], {}, {}
+    for plane in slices:
+        with torch.inference_mode():
+            objects = model.predict_instances(plane[None].to(device))[0]
+        probs.append(render_semantic(objects, out_channels, tuple(plane.shape[1:])).float().cpu().numpy())
+        imap, sc, cl = instance_map(objects, mask_threshold, score_threshold)
+        offset = len(scores)
+        maps.append(np.where(imap > 0, imap + offset, 0).astype(np.int32))
+        scores.update({i + offset: v for i, v in sc.items()})
+        classes.update({i + offset: v for i, v in cl.items()})
+    if len(slices) == 1 and image.ndim - 1 == model.spatial_dims:
+        return probs[0], maps[0], scores, classes
+    return np.stack(probs, axis=-1), np.stack(maps, axis=-1), scores, classes
+
+
+def in_plane(array: np.ndarray, image2d: bool, spacing: Sequence[float], channels_first: bool = False
+             ) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A 2D image's array ``(W, H, 1)`` (or ``(K, W, H, 1)``) as ``(W, H)`` with its pixel spacing, so objects are
+    found in the plane; volumes unchanged."""
+    axis = 3 if channels_first else 2
+    if image2d and array.ndim == axis + 1 and array.shape[axis] == 1:
+        return array[..., 0], tuple(spacing[:2])
+    return array, tuple(spacing)
+
+
+def write_object_table(path, case_id: str, objects: Sequence[dict], map_name: str, method: str, target: str | None):
+    """``<id>_instances.json``: how the objects were made (``method``; ``target``: the class or region they are
+    objects of, null = all foreground) and one entry per object (:func:`object_table`), atomically."""
+    import json
+    from pathlib import Path
+
+    from medseg.atomic import write_text_atomic
+
+    body = {"case": case_id, "instances": map_name, "method": method, "target": target, "objects": list(objects)}
+    write_text_atomic(Path(path), json.dumps(body, indent=1))
+    return Path(path)

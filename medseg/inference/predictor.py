@@ -3,7 +3,9 @@
 For one scan: read the channels -> the checkpoint's preprocessing (canonical orientation, optional resampling,
 foreground crop, z-score) -> sliding-window logits -> sigmoid (regions) or softmax (labels) -> invert the
 preprocessing onto the first channel's original grid -> threshold / argmax -> the scheme's label values ->
-postprocessing -> a uint8 NIfTI with the first channel's exact affine.
+postprocessing -> a uint8 NIfTI with the first channel's exact affine. An instance model gives objects on the whole
+image instead, and ``--instances`` adds an instance map (:mod:`medseg.inference.instances`). Loading checkpoints and
+ensembles: :mod:`medseg.inference.loading`.
 
 Example:
     >>> written = predict("runs/unet3d", ["Brats18_X_flair.nii.gz", "..._t1.nii.gz", "..._t1ce.nii.gz", "..._t2.nii.gz"],
@@ -11,7 +13,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,11 +20,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from medseg.checkpoint import find_checkpoint, load_checkpoint
 from medseg.data.checks import check_images
 from medseg.data.images2d import IMAGE_2D_SUFFIXES
 from medseg.data.io import read_volume, write_volume
-from medseg.data.labels import LabelScheme, get_scheme
+from medseg.data.labels import LabelScheme
 from medseg.data.manifest import check_case_id
 from medseg.data.preprocess import Prepared, Preprocessing
 from medseg.data.volume import Volume
@@ -31,29 +31,12 @@ from medseg.errors import MedsegError, ValidationError
 from medseg.inference.engine import (InferenceSettings, autocast_dtype, channels_last_format, resolve_device,
                                      sliding_window)
 from medseg.inference.inputs import CaseInput, resolve_inputs
+from medseg.inference.instances import (InstanceSettings, check_settings, drop_small, in_plane, object_table,
+                                       semantic_instances, write_object_table)
+from medseg.inference.loading import LoadedModel, check_ensemble, chosen_postprocessing, find_members, load_model, settings_for
 from medseg.inference.postprocess import PostprocessSettings, postprocess, to_labels
 
 BACKGROUND_LOGIT = 30.0  # |logit| given to voxels no window evaluated: sigmoid/softmax ~1e-13 from 0 or 1
-SETTING_KEYS = {f.name for f in dataclasses.fields(InferenceSettings)}
-POST_KEYS = {f.name for f in dataclasses.fields(PostprocessSettings)}
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A network in eval mode with everything its checkpoint says about using it."""
-
-    model: torch.nn.Module
-    config: dict
-    channels: tuple[str, ...]
-    scheme: LabelScheme
-    target: str
-    preprocessing: object  # medseg.data.preprocess.Preprocessing
-    inference: dict
-    path: Path
-
-    @property
-    def spatial_dims(self) -> int:
-        return int(self.config.get("spatial_dims", 3))
 
 
 @dataclass(frozen=True)
@@ -76,80 +59,6 @@ def background_logits(target: str, k: int) -> list[float]:
     if target == "regions":
         return [-BACKGROUND_LOGIT] * k
     return [BACKGROUND_LOGIT] + [-BACKGROUND_LOGIT] * (k - 1)
-
-
-def build_model(config: dict) -> torch.nn.Module:
-    """The network described by a checkpoint's ``model`` entry (through the model registry)."""
-    from medseg.models import build_from_config
-
-    return build_from_config(config)
-
-
-def find_members(run_or_file: str | Path) -> list[Path]:
-    """The checkpoints a model path names: a checkpoint file or run folder gives one; a cross-validation folder
-    (``fold_0/``, ``fold_1/``, ... each a run written by ``medseg train --folds``) gives every fold's, an ensemble."""
-    p = Path(run_or_file)
-    if p.is_dir() and not (p / "checkpoints").is_dir():
-        folds = sorted((d for d in p.glob("fold_*") if (d / "checkpoints").is_dir()), key=lambda d: d.name)
-        if folds:
-            return [find_checkpoint(d) for d in folds]
-    return [find_checkpoint(p)]
-
-
-def chosen_postprocessing(run_dir: str | Path) -> dict:
-    """The postprocessing that cross-validation chose for a fold ensemble (``RUN/postprocessing.json``), or {}."""
-    path = Path(run_dir) / "postprocessing.json"
-    if not path.is_file():
-        return {}
-    import json
-
-    try:
-        return dict(json.loads(path.read_text())["postprocessing"])
-    except (ValueError, KeyError, TypeError):
-        raise MedsegError(f"{path}: not a postprocessing choice written by 'medseg train --folds all'; delete it or "
-                          "run the cross-validation summary again") from None
-
-
-def check_ensemble(members: Sequence[LoadedModel]) -> None:
-    """Models averaged together must read the same channels the same way and predict the same labels."""
-    first = members[0]
-    for m in members[1:]:
-        for what, a, b in (("channels", first.channels, m.channels), ("target", first.target, m.target),
-                           ("label scheme", first.scheme.to_dict(), m.scheme.to_dict()),
-                           ("preprocessing", first.preprocessing, m.preprocessing), ("spatial_dims", first.spatial_dims, m.spatial_dims)):
-            if a != b:
-                raise MedsegError(f"{m.path}: its {what} differ from {first.path}'s; an ensemble needs models trained "
-                                  "with one pipeline (medseg train --folds all)")
-
-
-def load_model(run_or_file: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a run directory or checkpoint file into a :class:`LoadedModel` on ``device``."""
-    path = find_checkpoint(run_or_file)
-    ckpt = load_checkpoint(path)
-    model = build_model(dict(ckpt["model"]))
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise MedsegError(f"{path}: the weights do not fit model {ckpt['model'].get('name')} ({str(err).splitlines()[0][:150]})") from None
-    model = model.to(resolve_device(str(device)) if not isinstance(device, torch.device) else device).eval()
-    return LoadedModel(model, dict(ckpt["model"]), tuple(ckpt["channels"]), get_scheme(ckpt["label_scheme"]), str(ckpt["target"]),
-                       Preprocessing.from_dict(ckpt.get("preprocessing")), dict(ckpt.get("inference") or {}), path)
-
-
-def settings_for(loaded: LoadedModel, overrides: dict | None = None) -> tuple[InferenceSettings, PostprocessSettings]:
-    """Inference and postprocessing settings: the checkpoint's ``inference`` dict, then non-None ``overrides``."""
-    merged = {**loaded.inference, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    unknown = set(overrides or {}) - SETTING_KEYS - POST_KEYS
-    if unknown:
-        raise MedsegError(f"unknown prediction option(s) {sorted(unknown)}; valid: {sorted(SETTING_KEYS | POST_KEYS)}")
-    if not merged.get("roi_size"):
-        raise MedsegError(f"{loaded.path}: the checkpoint records no inference.roi_size; give --roi")
-    roi = tuple(int(r) for r in merged["roi_size"])
-    if len(roi) != loaded.spatial_dims:
-        raise MedsegError(f"roi {roi} has {len(roi)} sizes but the model is {loaded.spatial_dims}D; give {loaded.spatial_dims} sizes")
-    infer = InferenceSettings(**{k: v for k, v in {**merged, "roi_size": roi}.items() if k in SETTING_KEYS})
-    post = PostprocessSettings(**{k: v for k, v in merged.items() if k in POST_KEYS})
-    return infer, post
 
 
 @dataclass(frozen=True)
@@ -180,34 +89,13 @@ class Segmenter:
 
     def prepared_objects(self, image: np.ndarray | torch.Tensor, mask_threshold: float = 0.5,
                          score_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict[int, float], dict[int, int]]:
-        """An instance model on a whole prepared image ``(C, *spatial)``: the semantic probabilities rendered from its
-        objects ``(K, *spatial)``, the instance map, ``{id: score}`` and ``{id: class index}``."""
-        from medseg.models.instance import instance_map, render_semantic
+        """An instance model on a whole prepared image ``(C, *spatial)``
+        (:func:`medseg.inference.instances.model_objects`)."""
+        from medseg.inference.instances import model_objects
 
         if len(self.models) > 1:
             raise MedsegError("an ensemble of instance models is not supported: predict with one fold's run folder")
-        model = self.models[0]
-        device = next(model.parameters()).device
-        image = torch.as_tensor(image, dtype=torch.float32)
-        if image.ndim - 1 == model.spatial_dims:
-            slices = [image]
-        elif image.ndim - 1 == model.spatial_dims + 1:  # a 2D model on a volume (or a 2D image, W x H x 1): per slice
-            slices = list(image.unbind(dim=-1))
-        else:
-            raise MedsegError(f"a {model.spatial_dims}D instance model cannot segment an image of shape {tuple(image.shape[1:])}")
-        probs, maps, scores, classes = [], [], {}, {}
-        for plane in slices:
-            with torch.inference_mode():
-                objects = model.predict_instances(plane[None].to(device))[0]
-            probs.append(render_semantic(objects, self.out_channels, tuple(plane.shape[1:])).float().cpu().numpy())
-            imap, sc, cl = instance_map(objects, mask_threshold, score_threshold)
-            offset = len(scores)  # ids stay unique over slices (objects are not linked across slices)
-            maps.append(np.where(imap > 0, imap + offset, 0).astype(np.int32))
-            scores.update({i + offset: v for i, v in sc.items()})
-            classes.update({i + offset: v for i, v in cl.items()})
-        if len(slices) == 1 and image.ndim - 1 == model.spatial_dims:
-            return probs[0], maps[0], scores, classes
-        return np.stack(probs, axis=-1), np.stack(maps, axis=-1), scores, classes
+        return model_objects(self.models[0], image, self.out_channels, mask_threshold, score_threshold)
 
     def prepared_probabilities(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
         """``(K, *prepared spatial)`` float32 probabilities for a prepared image ``(C, *spatial)``."""
@@ -294,11 +182,10 @@ class Predictor:
         prob_vol = first.with_array(np.ascontiguousarray(np.moveaxis(full, 0, -1))) if self.probabilities else None
         if self.instances is None:
             return Prediction(first.with_array(labels), prob_vol)
-        from medseg.inference.instances import semantic_instances
-
-        flat, spacing = _plane(labels, first)
+        image2d = bool(first.meta.get("image2d"))
+        flat, spacing = in_plane(labels, image2d, first.spacing)
         imap, scores = semantic_instances(flat, self.instances, scheme=self.loaded.scheme, spacing=spacing,
-                                          probabilities=_plane_stack(full, first))
+                                          probabilities=in_plane(full, image2d, first.spacing, channels_first=True)[0])
         return self._with_objects(first, labels, prob_vol, imap.reshape(labels.shape), scores, {})
 
     def _predict_objects(self, images: Sequence[Volume], prep: Prepared) -> Prediction:
@@ -308,14 +195,12 @@ class Predictor:
         from medseg.inference.postprocess import postprocess
 
         first = images[0]
-        settings = self.instances or _default_instances()
+        settings = self.instances or InstanceSettings()
         probs, imap, scores, classes = self.segmenter.prepared_objects(prep.image, settings.mask_threshold, settings.score_threshold)
         pre = self.loaded.preprocessing
         imap = pre.invert(imap[None].astype(np.float32), prep, order="nearest", fill=0.0)[0].astype(np.int32)
         if settings.min_size or settings.min_volume_ml:
-            from medseg.inference.instances import _drop_small
-
-            imap = _drop_small(imap, settings, first.spacing)
+            imap = drop_small(imap, settings, first.spacing)
         lut = np.zeros(int(imap.max(initial=0)) + 1, np.int64)
         for i, c in classes.items():
             if i < lut.size:
@@ -335,9 +220,7 @@ class Predictor:
 
     def _with_objects(self, first: Volume, labels: np.ndarray, prob_vol: Volume | None, imap: np.ndarray,
                       scores: dict[int, float], classes: dict[int, int]) -> Prediction:
-        from medseg.inference.instances import object_table
-
-        flat, spacing = _plane(imap, first)
+        flat, spacing = in_plane(imap, bool(first.meta.get("image2d")), first.spacing)
         dtype = np.uint16 if imap.max(initial=0) < 65536 else np.uint32
         rows = object_table(flat, scores, None if first.meta.get("image2d") else spacing, classes or None)
         return Prediction(first.with_array(labels), prob_vol, first.with_array(imap.astype(dtype)), tuple(rows))
@@ -381,8 +264,9 @@ class Predictor:
                 method = self.instances.method
                 if method == "auto":
                     method = "model" if self.segmenter.instance_model else "components"
-                written.append(_write_objects(path, case_id, prediction, path.name.replace(".json", labels_path.name[len(case_id):]),
-                                              method, self.instances.target))
+                written.append(write_object_table(path, case_id, prediction.objects,
+                                                  path.name.replace(".json", labels_path.name[len(case_id):]),
+                                                  method, self.instances.target))
             elif path.name.endswith("_prob.nii.gz") and prediction.probabilities is not None:
                 written.append(write_volume(prediction.probabilities, path, dtype=np.float32))
             elif path.name.endswith("_overlay.png") and images:
@@ -392,52 +276,6 @@ class Predictor:
                 written.append(write_overlay(photo, prediction.labels, path))
         written.insert(0, write_volume(prediction.labels, labels_path, dtype=None if png else np.uint8))
         return written
-
-
-def _instance_settings(instances, predictor: Predictor):
-    """``predict(instances=...)`` as settings (None: no objects), checked against the model."""
-    from medseg.inference.instances import InstanceSettings
-
-    if instances is None or instances is False:
-        return None
-    settings = instances if isinstance(instances, InstanceSettings) else InstanceSettings("auto" if instances is True else str(instances))
-    if settings.method == "model" and not predictor.segmenter.instance_model:
-        raise MedsegError(f"--instances model: {predictor.loaded.path} is a semantic model; use components or watershed "
-                          "(or a model trained with data.target: instances)")
-    if predictor.segmenter.instance_model and settings.method in ("auto", "model") and settings.target is not None:
-        raise MedsegError(f"--instance-target {settings.target}: {predictor.loaded.path} is an instance model, whose objects are "
-                          "all its classes; leave --instance-target out (or use --instances components to split one class)")
-    return settings
-
-
-def _default_instances():
-    from medseg.inference.instances import InstanceSettings
-
-    return InstanceSettings()
-
-
-def _plane(array: np.ndarray, first: Volume) -> tuple[np.ndarray, tuple[float, ...]]:
-    """A 2D image's ``(W, H, 1)`` array as ``(W, H)`` with its pixel spacing; volumes unchanged."""
-    if first.meta.get("image2d") and array.ndim == 3 and array.shape[2] == 1:
-        return array[:, :, 0], tuple(first.spacing[:2])
-    return array, tuple(first.spacing)
-
-
-def _plane_stack(probs: np.ndarray, first: Volume) -> np.ndarray:
-    return probs[..., 0] if first.meta.get("image2d") and probs.ndim == 4 and probs.shape[3] == 1 else probs
-
-
-def _write_objects(path: Path, case_id: str, prediction: Prediction, map_name: str, method: str, target: str | None) -> Path:
-    """``<id>_instances.json``: how the objects were made (``method``; ``target``: the class or region they are
-    objects of, null = all foreground) and one entry per object (id, score, size, centre of mass), atomically."""
-    import json
-
-    from medseg.atomic import atomic_path
-
-    body = {"case": case_id, "instances": map_name, "method": method, "target": target, "objects": list(prediction.objects)}
-    with atomic_path(path, suffix=".json") as tmp:
-        Path(tmp).write_text(json.dumps(body, indent=1))
-    return path
 
 
 def _source(vol: Volume) -> str:
@@ -482,7 +320,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         raise MedsegError(f"shard {index}/{count}: the index must be within 0..{count - 1}")
     predictor = Predictor.from_checkpoint(model, probabilities=probabilities, **options)
     predictor.overlay = overlay
-    predictor.instances = _instance_settings(instances, predictor)
+    predictor.instances = check_settings(instances, predictor.segmenter.instance_model, predictor.loaded.path)
     predictor.crf = (dict(crf) if isinstance(crf, dict) else {}) if crf else None
     if crf and predictor.segmenter.instance_model:
         raise MedsegError(f"--crf refines a semantic model's probabilities; {model} is an instance model, whose labels are "

@@ -162,7 +162,7 @@ def choose_postprocessing(pairs, scheme: LabelScheme, base: PostprocessSettings 
 def summarize_cv(run_dir: Path, manifest: Manifest, folds: Sequence[int], progress: bool = False) -> dict:
     """Out-of-fold predictions -> chosen postprocessing (``RUN/postprocessing.json``) -> ``RUN/cv/report``."""
     from medseg.evaluation import evaluate, write_report
-    from medseg.inference.predictor import load_model
+    from medseg.inference.loading import load_model
 
     scheme = load_model(run_dir / f"fold_{folds[0]}").scheme
     raw = out_of_fold_predictions(run_dir, manifest, folds, progress)
