@@ -59,16 +59,15 @@ def run(args) -> int:
     if args.workers < 1:
         raise MedsegError(f"--workers {args.workers}: give at least 1")
     check_output_dir(args.output, "--output")  # before any case is evaluated
-    result = evaluate(args.predictions, args.manifest, args.scheme, prediction_scheme=args.prediction_scheme,
-                      settings=MetricSettings(tolerance_mm=args.tolerance, empty=args.empty), resample=args.resample,
-                      workers=args.workers, progress=sys.stderr.isatty())
     objects = None
     if args.objects:
-        from medseg.evaluation.detection import ObjectSettings, evaluate_objects
+        from medseg.evaluation.detection import ObjectSettings
 
-        settings = ObjectSettings(args.match_iou, args.lesion_wise, args.lesion_dilation, args.lesion_min_volume)
-        objects = evaluate_objects(result, settings, progress=sys.stderr.isatty(), workers=args.workers)
-    html = write_report(result, args.output, overlays=not args.no_overlays, objects=objects)
+        objects = ObjectSettings(args.match_iou, args.lesion_wise, args.lesion_dilation, args.lesion_min_volume)
+    result = evaluate(args.predictions, args.manifest, args.scheme, prediction_scheme=args.prediction_scheme,
+                      settings=MetricSettings(tolerance_mm=args.tolerance, empty=args.empty), resample=args.resample,
+                      workers=args.workers, progress=sys.stderr.isatty(), objects=objects)
+    html = write_report(result, args.output, overlays=not args.no_overlays)
     if result.unmatched:
         print(f"warning: {len(result.unmatched)} prediction(s) have no ground truth and were ignored: "
               f"{', '.join(result.unmatched[:5])}{' ...' if len(result.unmatched) > 5 else ''}", file=sys.stderr)
@@ -80,7 +79,8 @@ def run(args) -> int:
     kind = "region" if (dice["kind"] == "region").any() else "class"
     for row in dice[dice["kind"] == kind].itertuples():
         print(f"{row.target:>12s}  Dice {row.mean:.4f} ± {row.std:.4f}  (n={row.count})")
-    if objects is not None:
+    if result.objects is not None:
+        objects = result.objects
         means = objects.summary.set_index(["target", "metric"])["mean"]
         for target in objects.cases["target"].drop_duplicates():
             shown = [(m, means.get((target, m))) for m in ("f1", "pq", "aji", "ap50", "map", "lesion_dice", "lesion_hd95")]

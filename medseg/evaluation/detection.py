@@ -32,8 +32,8 @@ import pandas as pd
 from medseg.data.io import ImageRef, read_mask
 from medseg.data.labels import IGNORE
 from medseg.errors import MedsegError
-from medseg.evaluation.evaluate import (CaseInput, EvaluationOptions, EvaluationResult, _has_prediction, _stats,
-                                        is_image_2d, load_case, SUMMARY_STATS)
+from medseg.data.volume import Volume
+from medseg.evaluation.evaluate import SUMMARY_STATS, CaseInput, EvaluationOptions, _stats, is_image_2d
 
 OBJECT_METRICS = ("n_reference", "n_predicted", "tp", "fp", "fn", "precision", "recall", "f1", "sq", "rq", "pq", "aji",
                   "lesion_dice", "lesion_hd95", "lesion_tp", "lesion_fn", "lesion_fp")
@@ -135,13 +135,15 @@ def _plane(array: np.ndarray, two_d: bool) -> np.ndarray:
     return array[:, :, 0] if two_d and array.ndim == 3 else array
 
 
-def evaluate_case_objects(case: CaseInput, options: EvaluationOptions, settings: ObjectSettings):
-    """Rows (per target), object rows and AP inputs ``{target: (reference, prediction, scores)}`` of one case."""
+def evaluate_case_objects(case: CaseInput, ref_vol: Volume, pred: np.ndarray, options: EvaluationOptions,
+                          settings: ObjectSettings):
+    """Rows (per target), object rows and AP inputs ``{target: (reference, prediction, scores)}`` of one case, from
+    the reference volume and prediction array that :func:`medseg.evaluation.evaluate.load_case` read for the voxel
+    metrics (the case is read once)."""
     from medseg.evaluation import lesionwise
     from medseg.evaluation import matching as mat
     from medseg.evaluation import objects as obj
 
-    ref_vol, pred = load_case(case, options)
     two_d = is_image_2d(ref_vol)
     ref = _plane(np.asarray(ref_vol.array), two_d)
     pred = _plane(np.asarray(pred), two_d)
@@ -213,29 +215,12 @@ def _relabel_keep(instances: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
     return lut[instances], {int(n): int(o) for n, o in zip(range(1, old.size + 1), old)}
 
 
-def evaluate_objects(result: EvaluationResult, settings: ObjectSettings = ObjectSettings(), progress: bool = False,
-                     workers: int = 1) -> ObjectResult:
-    """Per-object metrics of the cases of an :class:`EvaluationResult` (the same matching of predictions), in
-    ``workers`` processes."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
-
+def combine_objects(parts, settings: ObjectSettings) -> ObjectResult:
+    """The cases' :func:`evaluate_case_objects` outputs as one :class:`ObjectResult` (AP pooled over the cases)."""
     from medseg.evaluation.precision import average_precision
 
-    if result.options is None:
-        raise MedsegError("evaluate_objects needs the result of medseg.evaluation.evaluate (it holds the matched cases)")
     rows, object_rows, pooled = [], [], {}
-    cases = [c for c in result.inputs if _has_prediction(c)]
-    n = len(cases)
-    if workers > 1 and n > 1:
-        with ProcessPoolExecutor(min(workers, n)) as pool:
-            outputs = list(tqdm(pool.map(evaluate_case_objects, cases, [result.options] * n, [settings] * n), total=n,
-                                desc="objects", unit="case", disable=not progress))
-    else:
-        outputs = (evaluate_case_objects(c, result.options, settings) for c in tqdm(cases, desc="objects", unit="case",
-                                                                                    disable=not progress))
-    for r, o, ap in outputs:
+    for r, o, ap in parts:
         rows += r
         object_rows += o
         for name, item in ap.items():

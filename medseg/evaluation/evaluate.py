@@ -61,6 +61,7 @@ class EvaluationOptions:
     metrics: MetricSettings = MetricSettings()
     resample: bool = False
     atol: float = 1e-3
+    objects: object | None = None  # medseg.evaluation.detection.ObjectSettings: also score objects, in the same pass
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class EvaluationResult:
         inputs: the matched cases; options: the settings used; unmatched: predictions with no ground truth.
         confusion: voxel counts summed over the evaluated cases, index = reference class, columns = predicted
             class (names; ``background`` first), ignored voxels left out; ``None`` when no case was evaluated.
+        objects: the per-object results (:class:`medseg.evaluation.detection.ObjectResult`) when asked for.
     """
 
     cases: pd.DataFrame
@@ -82,6 +84,7 @@ class EvaluationResult:
     options: EvaluationOptions | None = None
     unmatched: tuple[str, ...] = field(default=())
     confusion: pd.DataFrame | None = None
+    objects: object | None = None
 
     @property
     def distance_unit(self) -> str:
@@ -208,13 +211,18 @@ def evaluate_case(case: CaseInput, options: EvaluationOptions) -> list[dict]:
 Confusion = tuple[list[int], np.ndarray]  # label values, counts [reference, prediction]
 
 
-def _evaluate_case(case: CaseInput, options: EvaluationOptions) -> tuple[list[dict], Confusion | None]:
+def _evaluate_case(case: CaseInput, options: EvaluationOptions) -> tuple[list[dict], Confusion | None, tuple | None]:
     base = {"id": case.id, "unit": distance_unit(case.reference), "prediction": str(case.prediction or ""),
             "reference": str(case.reference)}
     if not _has_prediction(case):
         names = [(k, n) for k, n, _ in targets(options.scheme, [], options.metrics.targets)] + [("case", "all")]
-        return [{**base, "status": "missing", "kind": k, "target": n} for k, n in names], None
+        return [{**base, "status": "missing", "kind": k, "target": n} for k, n in names], None, None
     ref, pred = load_case(case, options)
+    objects = None
+    if options.objects is not None:  # per-object scores on the arrays just read
+        from medseg.evaluation.detection import evaluate_case_objects
+
+        objects = evaluate_case_objects(case, ref, pred, options, options.objects)
     ref_array, spacing = ref.array, ref.spacing
     if is_image_2d(ref):  # (W, H, 1): surfaces and distances in the plane, not in a slab one voxel thick
         ref_array, pred, spacing = ref_array[:, :, 0], pred[:, :, 0], spacing[:2]
@@ -223,7 +231,7 @@ def _evaluate_case(case: CaseInput, options: EvaluationOptions) -> tuple[list[di
     except MedsegError as err:
         raise MedsegError(f"case {case.id}: {err} (prediction {case.prediction}, ground truth {case.reference}); if the "
                           f"prediction uses another label convention, pass --prediction-scheme") from None
-    return [{**base, "status": "ok", **row} for row in df.to_dict("records")], (values, counts)
+    return [{**base, "status": "ok", **row} for row in df.to_dict("records")], (values, counts), objects
 
 
 def _has_prediction(case: CaseInput) -> bool:
@@ -251,7 +259,7 @@ def sum_confusions(confusions: Sequence[Confusion], scheme: LabelScheme) -> pd.D
 # ----------------------------------------------------------------------------- the whole set
 def evaluate(predictions: str | Path, manifest: str | Path | Manifest, scheme: str | dict | LabelScheme | None = None, *,
              prediction_scheme: str | dict | LabelScheme | None = None, settings: MetricSettings = MetricSettings(),
-             resample: bool = False, workers: int = 1, progress: bool = False) -> EvaluationResult:
+             resample: bool = False, workers: int = 1, progress: bool = False, objects=None) -> EvaluationResult:
     """Evaluate predictions against the labels of a ground-truth manifest.
 
     Args:
@@ -261,6 +269,7 @@ def evaluate(predictions: str | Path, manifest: str | Path | Manifest, scheme: s
         prediction_scheme: convention of the predictions when it differs (e.g. ``"brats2023"`` for ET = 3).
         settings: surface-Dice tolerance and empty-mask rule; resample: nearest-neighbour resampling of
             predictions that are not on the ground truth's grid; workers: processes; progress: a tqdm bar.
+        objects: :class:`medseg.evaluation.detection.ObjectSettings` to also score objects (``result.objects``).
 
     Example:
         >>> res = evaluate("preds/", "cases.csv", "brats", workers=2)  # doctest: +SKIP
@@ -274,7 +283,7 @@ def evaluate(predictions: str | Path, manifest: str | Path | Manifest, scheme: s
     if not name:
         raise MedsegError(f"{gt.path or 'manifest'}: no label scheme given and the manifest names none; pass --scheme "
                           f"(one of {', '.join(list_schemes())})")
-    options = EvaluationOptions(get_scheme(name), get_scheme(prediction_scheme or name), settings, resample)
+    options = EvaluationOptions(get_scheme(name), get_scheme(prediction_scheme or name), settings, resample, objects=objects)
     unlabelled = [c.id for c in gt.cases if c.label is None]
     if unlabelled:
         raise MedsegError(f"{gt.path or 'manifest'}: cases {unlabelled[:5]} have no label; evaluation needs ground truth "
@@ -284,9 +293,14 @@ def evaluate(predictions: str | Path, manifest: str | Path | Manifest, scheme: s
     if inputs and not any(_has_prediction(c) for c in inputs):
         raise MedsegError(_no_predictions_message(predictions, inputs, unmatched))
     results = _run(inputs, options, workers, progress)
-    cases = _frame([r for case_rows, _ in results for r in case_rows])
-    confusion = sum_confusions([c for _, c in results if c is not None], options.scheme)
-    return EvaluationResult(cases, summarize(cases), inputs, options, tuple(unmatched), confusion)
+    cases = _frame([r for case_rows, _, _ in results for r in case_rows])
+    confusion = sum_confusions([c for _, c, _ in results if c is not None], options.scheme)
+    found_objects = None
+    if objects is not None:
+        from medseg.evaluation.detection import combine_objects
+
+        found_objects = combine_objects([o for _, _, o in results if o is not None], objects)
+    return EvaluationResult(cases, summarize(cases), inputs, options, tuple(unmatched), confusion, found_objects)
 
 
 def _no_predictions_message(predictions: str | Path, inputs: Sequence[CaseInput], unmatched: Sequence[str]) -> str:
@@ -303,11 +317,11 @@ def _no_predictions_message(predictions: str | Path, inputs: Sequence[CaseInput]
 
 
 def _run(inputs: Sequence[CaseInput], options: EvaluationOptions, workers: int,
-         progress: bool) -> list[tuple[list[dict], Confusion | None]]:
+         progress: bool) -> list[tuple[list[dict], Confusion | None, tuple | None]]:
     from tqdm import tqdm
 
     bar = tqdm(total=len(inputs), desc="evaluate", unit="case", disable=not progress)
-    results: list[tuple[list[dict], Confusion | None] | None] = [None] * len(inputs)
+    results: list[tuple[list[dict], Confusion | None, tuple | None] | None] = [None] * len(inputs)
     try:
         if workers <= 1 or len(inputs) <= 1:
             for i, case in enumerate(inputs):

@@ -93,7 +93,7 @@ def confusion_dict(confusion: pd.DataFrame | None) -> dict | None:
             "pooled": {**{k: _plain(v) for k, v in semantic_metrics(counts.T).items()}, "iou": iou}}
 
 
-def write_report(result: EvaluationResult, output: str | Path, *, overlays: bool = True, objects=None) -> Path:
+def write_report(result: EvaluationResult, output: str | Path, *, overlays: bool = True) -> Path:
     """Write ``cases.csv``, ``summary.csv``, ``summary.json``, ``confusion.csv`` and ``report.html`` into ``output``
     (atomically); ``confusion.csv`` holds the voxel counts summed over the evaluated cases (rows: reference class,
     columns: predicted class) and is left out when no case was evaluated.
@@ -104,9 +104,10 @@ def write_report(result: EvaluationResult, output: str | Path, *, overlays: bool
         overlays: draw overlays (scan + ground-truth and prediction contours) of the best, median and worst
             cases: an axial slice of the first channel for volumes, the whole image (in colour when it has three
             channels) for 2D images.
-        objects: per-object results (:func:`medseg.evaluation.detection.evaluate_objects`): ``objects.csv``,
-            ``object_metrics.csv``, ``object_summary.csv``, an "objects" entry in ``summary.json`` and an "Objects"
-            section (detection summary, object size vs detected) in the page.
+
+    With per-object results (``result.objects``: ``evaluate(..., objects=ObjectSettings())``) it also writes
+    ``objects.csv``, ``object_metrics.csv``, ``object_summary.csv``, an "objects" entry in ``summary.json`` and an
+    "Objects" section (detection summary, object size vs detected) in the page.
 
     Returns:
         The path of ``report.html``.
@@ -121,6 +122,7 @@ def write_report(result: EvaluationResult, output: str | Path, *, overlays: bool
             result.confusion.to_csv(tmp, index_label="reference/prediction")
     data = summary_dict(result)
     sections = ""
+    objects = result.objects
     if objects is not None:
         from medseg.evaluation.detection import objects_dict, objects_html, write_objects
 
