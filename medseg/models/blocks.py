@@ -87,6 +87,18 @@ def max_unpool(dims: int, kernel_size: IntOrSeq = 2) -> nn.Module:
     return {2: nn.MaxUnpool2d, 3: nn.MaxUnpool3d}[dims](kernel_size)
 
 
+def pooled_encoder(stages: Sequence[nn.Module], pool: nn.Module, x: torch.Tensor
+                   ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Size]]]:
+    """Each stage then ``pool`` (a ``max_pool(..., return_indices=True)``), as SegNet and DeconvNet encode: the last
+    pooled output and, per stage, the pooling indices and the pre-pooling shape for ``max_unpool`` (finest first)."""
+    saved = []
+    for stage in stages:
+        y = stage(x)
+        x, idx = pool(y)
+        saved.append((idx, y.shape))
+    return x, saved
+
+
 def dropout(dims: int, p: float) -> nn.Module:
     return Dropout[Dropout.DROPOUT, dims](p) if p > 0 else nn.Identity()
 

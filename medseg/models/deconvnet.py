@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from medseg.models.base import SegmentationModel
-from medseg.models.blocks import ConvNormAct, conv, conv_transpose, max_pool, max_unpool, norm as make_norm
+from medseg.models.blocks import ConvNormAct, conv, conv_transpose, max_pool, max_unpool, norm as make_norm, pooled_encoder
 from medseg.models.fcn import VGG16, vgg_stage
 from medseg.models.registry import register
 
@@ -72,11 +72,7 @@ class DeconvNet(SegmentationModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        saved = []
-        for stage in self.encoder:
-            y = stage(x)
-            x, idx = self.pool(y)
-            saved.append((idx, y.shape))
+        x, saved = pooled_encoder(self.encoder, self.pool, x)
         x = self.fc(x)
         for stage in self.decoder:
             idx, shape = saved.pop()

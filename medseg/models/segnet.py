@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from medseg.errors import MedsegError
 from medseg.models.base import SegmentationModel
-from medseg.models.blocks import ConvNormAct, Upsample, choose, conv, max_pool, max_unpool
+from medseg.models.blocks import ConvNormAct, Upsample, choose, conv, max_pool, max_unpool, pooled_encoder
 from medseg.models.fcn import VGG16, vgg_stage
 from medseg.models.registry import register
 
@@ -65,11 +65,7 @@ class SegNet(SegmentationModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        saved = []
-        for stage in self.encoder:
-            y = stage(x)
-            x, idx = self.pool(y)
-            saved.append((idx, y.shape))
+        x, saved = pooled_encoder(self.encoder, self.pool, x)
         for up, stage in zip(self.ups, self.decoder):
             idx, shape = saved.pop()
             x = self.unpool(x, idx, output_size=shape) if self.upsample == "unpool" else up(x)
