@@ -162,6 +162,30 @@ def test_golden_region_dice_bce():
     assert float(create_loss("region_dice_bce", "regions")(logits, target)) == pytest.approx(dice + bce, abs=1e-6)
 
 
+def test_batch_dice_sums_over_the_batch_per_channel():
+    # sample 0 has the structure, sample 1 has none but predicts p = 1/2 on both voxels
+    logits = torch.tensor([[[[math.log(3), 0.0]]], [[[0.0, 0.0]]]])
+    target = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 0.0]]]])
+    per_sample = ((1 - (1.5 + S) / (2.25 + S)) + (1 - S / (1 + S))) / 2  # sample 1 alone: Dice ~0, loss ~1
+    batch = 1 - (2 * 0.75 + S) / ((0.75 + 0.5 + 0.5 + 0.5) + 1 + S)  # one Dice over every voxel of the batch
+    assert float(create_loss("dice", "regions")(logits, target)) == pytest.approx(per_sample, abs=1e-6)
+    assert float(create_loss("dice", "regions", batch_dice=True)(logits, target)) == pytest.approx(batch, abs=1e-6)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    got = create_loss("region_dice_bce", "regions", batch_dice=True)(logits, target)
+    assert float(got) == pytest.approx(batch + float(bce), abs=1e-6)
+    labels = torch.tensor([[[[1, 0]]], [[[0, 0]]]])
+    two = torch.cat([torch.zeros_like(logits), logits], dim=1)  # class 1 logit as above against 0 for background
+    p1 = torch.softmax(two, 1)[:, 1]
+    expected = 1 - (2 * float((p1 * (labels[:, 0] == 1)).sum()) + S) / (float(p1.sum()) + 1 + S)
+    assert float(create_loss("dice", "labels", batch_dice=True)(two, labels)) == pytest.approx(expected, abs=1e-6)
+    ignored = labels.clone()
+    ignored[1, 0, 0, 1] = -1  # the ignore-aware path: that voxel leaves both sums
+    keep = p1.clone()
+    keep[1, 0, 1] = 0
+    expected = 1 - (2 * float((keep * (labels[:, 0] == 1)).sum()) + S) / (float(keep.sum()) + 1 + S)
+    assert float(create_loss("dice", "labels", batch_dice=True)(two, ignored)) == pytest.approx(expected, abs=1e-6)
+
+
 def test_perfect_prediction_gives_zero_dice():
     target = torch.tensor([[[[0, 1], [2, 1]]]])
     logits = F.one_hot(target[:, 0], 3).movedim(-1, 1).float() * 50

@@ -332,13 +332,18 @@ def test_ct_and_mri_normalisation():
 
 
 def test_schedule_fills_the_budget_with_a_fixed_step_time():
-    budget = Budget(time_budget_min=20)
+    budget = Budget(time_budget_min=20, device="cuda")  # the measured step is the training step
     s = P.make_schedule(StepTime(0.5, 0.1), windows=10, val_cases=2, budget=budget, startup_seconds=30)
     assert (s.epochs, s.iterations, s.val_interval) == (10, 210, 1)
     used = 30 + s.epochs * s.iterations * 0.5 + math.ceil(s.epochs / s.val_interval) * s.validation_seconds
     assert used <= 20 * 60 and s.epochs >= P.MIN_EPOCHS
     assert used > 20 * 60 - s.iterations * 0.5 - s.validation_seconds  # not another epoch's room left
-    long = P.make_schedule(StepTime(0.3, 0.05), 20, 4, Budget(time_budget_min=600), 60)
+    cpu = P.make_schedule(StepTime(0.5, 0.1), windows=10, val_cases=2, budget=Budget(time_budget_min=20), startup_seconds=30)
+    step = 0.5 * P.CPU_DATA_FACTOR  # on a CPU the data path shares the cores: the schedule counts the longer step
+    used = 30 + cpu.epochs * cpu.iterations * step + math.ceil(cpu.epochs / cpu.val_interval) * cpu.validation_seconds
+    assert P.CPU_DATA_FACTOR > 1 and used <= 20 * 60 < used + cpu.iterations * step
+    assert cpu.epochs * cpu.iterations < s.epochs * s.iterations
+    long = P.make_schedule(StepTime(0.3, 0.05), 20, 4, Budget(time_budget_min=600, device="cuda"), 60)
     assert long.iterations == P.ITERATIONS and long.epochs == 454
     assert math.ceil(long.epochs / long.val_interval) * long.validation_seconds <= 0.1 * (600 * 60 - 60)
     costly = P.make_schedule(StepTime(0.5, 0.5), 25, 4, budget, 30)  # one validation pass: 50 s
@@ -379,6 +384,17 @@ def test_plan_of_a_known_dataset_follows_every_rule():
     assert s.epochs * s.iterations * 2.0 + s.validations * s.validation_seconds <= 20 * 60
 
 
+def test_tta_is_planned_while_its_passes_over_a_median_case_fit_the_limit():
+    fp = make_fp([(1.0, 1.0, 1.0)] * 5, [(139, 170, 135)] * 5)
+    design = make_plan(fp, Budget(min_steps=0), fixed_timer(2.0, 0.5)).design
+    windows = P.windows_per_case(design, 0.25)
+    limit_window = P.TTA_MAX_SECONDS / (8 * windows)  # the forward time at which 8 mirrored passes reach the limit
+    fast = make_plan(fp, Budget(min_steps=0), fixed_timer(2.0, 0.9 * limit_window))
+    slow = make_plan(fp, Budget(min_steps=0), fixed_timer(2.0, 1.1 * limit_window))
+    assert fast.tta and "8 passes" in fast.notes["tta"]
+    assert not slow.tta and slow.notes["tta"].startswith("off")
+
+
 # ---------------------------------------------------------------------------------------------- written pipeline
 def test_written_pipeline_loads_and_equals_the_plan(tmp_path):
     manifest = _ct_dataset(tmp_path / "data", n=4, shape=(50, 43, 21))  # the patch is rounded below the median shape
@@ -397,6 +413,7 @@ def test_written_pipeline_loads_and_equals_the_plan(tmp_path):
     assert loaded.sampling.batch_size == d.batch and loaded.roi_size == net.patch
     assert (loaded.training.epochs, loaded.training.iterations_per_epoch) == (p.schedule.epochs, p.schedule.iterations)
     assert loaded.training.val_interval == p.schedule.val_interval and loaded.optimizer.name == p.optimizer["name"]
+    assert loaded.loss.batch_dice is True and loaded.inference.tta == p.tta
     from medseg.data.augment import Augmentation
 
     assert loaded.augmentation == Augmentation()

@@ -16,6 +16,10 @@ weights. Inputs are logits ``(B, K, *spatial)`` in 2D or 3D, cast to float32 bef
 bf16/fp16); targets are ``(B, R, *spatial)`` float masks for regions or ``(B, 1, *spatial)`` class indices for
 labels. Dice is computed per sample and per channel, then averaged (MONAI ``batch=False``), with smoothing 1e-5
 in numerator and denominator; softmax Dice leaves out the background class, sigmoid Dice keeps every region.
+With ``batch_dice=True`` (``loss.batch_dice``; nnU-Net's setting for 3D full resolution and 2D) the sums run over
+the whole batch per channel instead (MONAI ``batch=True``): a patch without, say, enhancing tumour then adds its
+false positives to the batch's denominator instead of scoring a Dice of ~0 on its own, which with per-sample Dice
+teaches the network to under-segment small structures (most patches miss them).
 The VAE regulariser of ``segresnet_vae`` is computed by the model and added by the training step.
 
 Ignored voxels (a label scheme's ``ignore`` values, e.g. a trimap's boundary) arrive as class index -1 in a labels
@@ -39,14 +43,15 @@ import torch.nn.functional as F
 
 from medseg.errors import MedsegError, check_choice
 
-LOSSES: dict[str, Callable[[str], nn.Module]] = {}
+Factory = Callable[[str, bool], nn.Module]  # (target, batch_dice) -> loss module
+LOSSES: dict[str, Factory] = {}
 TARGETS = ("regions", "labels")
 SMOOTH = 1e-5
 
 
-def register(name: str) -> Callable[[Callable[[str], nn.Module]], Callable[[str], nn.Module]]:
-    """Decorator adding a factory ``factory(target) -> nn.Module`` to :data:`LOSSES` under ``name``."""
-    def deco(factory: Callable[[str], nn.Module]) -> Callable[[str], nn.Module]:
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Decorator adding a factory ``factory(target, batch_dice) -> nn.Module`` to :data:`LOSSES` under ``name``."""
+    def deco(factory: Factory) -> Factory:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
         LOSSES[name] = factory
@@ -60,8 +65,9 @@ def loss_names() -> tuple[str, ...]:
     return ("auto", *LOSSES)
 
 
-def create_loss(name: str, target: str) -> nn.Module:
-    """A loss by name for ``target`` "regions" or "labels" (``auto`` picks the usual one).
+def create_loss(name: str, target: str, batch_dice: bool = False) -> nn.Module:
+    """A loss by name for ``target`` "regions" or "labels" (``auto`` picks the usual one); ``batch_dice``: Dice
+    sums over the whole batch (module doc).
 
     The module is called as ``loss(logits, target)`` and returns a float32 scalar.
     """
@@ -69,16 +75,17 @@ def create_loss(name: str, target: str) -> nn.Module:
     check_choice(name, loss_names(), "loss.name")
     if name == "auto":
         name = "region_dice_bce" if target == "regions" else "dice_ce"
-    return LOSSES[name](target)
+    return LOSSES[name](target, bool(batch_dice))
 
 
-def _dice_settings(target: str) -> dict:
-    """MONAI Dice arguments: sigmoid on every region, or softmax over classes without the background."""
+def _dice_settings(target: str, batch: bool = False) -> dict:
+    """MONAI Dice arguments: sigmoid on every region, or softmax over classes without the background; ``batch``:
+    sums over the batch too."""
     if target == "regions":
         act = dict(sigmoid=True, include_background=True)
     else:
         act = dict(softmax=True, to_onehot_y=True, include_background=False)
-    return dict(act, batch=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH)
+    return dict(act, batch=batch, smooth_nr=SMOOTH, smooth_dr=SMOOTH)
 
 
 class _Float32(nn.Module):
@@ -98,11 +105,11 @@ class _RegionDiceBCE(nn.Module):
     MONAI's ``DiceCELoss`` uses binary cross-entropy only for a single channel, so the two terms are added here.
     """
 
-    def __init__(self):
+    def __init__(self, batch: bool = False):
         super().__init__()
         from monai.losses import DiceLoss
 
-        self.dice = DiceLoss(**_dice_settings("regions"))
+        self.dice = DiceLoss(**_dice_settings("regions", batch))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()
@@ -118,12 +125,12 @@ class _IgnoreAware(nn.Module):
     averaged over the voxels that are not ignored.
     """
 
-    def __init__(self, loss: nn.Module, with_ce: bool, squared: bool = False):
+    def __init__(self, loss: nn.Module, with_ce: bool, squared: bool = False, batch: bool = False):
         super().__init__()
         from monai.losses import DiceLoss
 
         self.loss, self.with_ce = loss, with_ce
-        self.masked_dice = DiceLoss(include_background=False, batch=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH,
+        self.masked_dice = DiceLoss(include_background=False, batch=batch, smooth_nr=SMOOTH, smooth_dr=SMOOTH,
                                     squared_pred=squared)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -142,35 +149,36 @@ class _IgnoreAware(nn.Module):
 
 
 @register("dice")
-def _dice(target: str) -> nn.Module:
+def _dice(target: str, batch: bool) -> nn.Module:
     from monai.losses import DiceLoss
 
-    loss = _Float32(DiceLoss(**_dice_settings(target)))
-    return loss if target == "regions" else _IgnoreAware(loss, with_ce=False)
+    loss = _Float32(DiceLoss(**_dice_settings(target, batch)))
+    return loss if target == "regions" else _IgnoreAware(loss, with_ce=False, batch=batch)
 
 
 @register("dice_ce")
-def _dice_ce(target: str) -> nn.Module:
+def _dice_ce(target: str, batch: bool) -> nn.Module:
     if target == "regions":
         raise MedsegError("loss.name: dice_ce needs data.target: labels (softmax); for regions use region_dice_bce")
     from monai.losses import DiceCELoss
 
-    return _IgnoreAware(_Float32(DiceCELoss(**_dice_settings(target), lambda_dice=1.0, lambda_ce=1.0)), with_ce=True)
+    return _IgnoreAware(_Float32(DiceCELoss(**_dice_settings(target, batch), lambda_dice=1.0, lambda_ce=1.0)), with_ce=True,
+                        batch=batch)
 
 
 @register("region_dice_bce")
-def _region_dice_bce(target: str) -> nn.Module:
+def _region_dice_bce(target: str, batch: bool) -> nn.Module:
     if target != "regions":
         raise MedsegError("loss.name: region_dice_bce needs data.target: regions (sigmoid); for labels use dice_ce")
-    return _RegionDiceBCE()
+    return _RegionDiceBCE(batch)
 
 
 @register("dice_squared")
-def _dice_squared(target: str) -> nn.Module:
+def _dice_squared(target: str, batch: bool) -> nn.Module:
     from monai.losses import DiceLoss
 
-    loss = _Float32(DiceLoss(**_dice_settings(target), squared_pred=True))
-    return loss if target == "regions" else _IgnoreAware(loss, with_ce=False, squared=True)
+    loss = _Float32(DiceLoss(**_dice_settings(target, batch), squared_pred=True))
+    return loss if target == "regions" else _IgnoreAware(loss, with_ce=False, squared=True, batch=batch)
 
 
 class DeepSupervisionLoss(nn.Module):

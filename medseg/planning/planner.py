@@ -38,6 +38,8 @@ MIN_EPOCHS = 10
 VALIDATION_SHARE = 0.1  # validation passes may take a tenth of the budget (at least the final one runs)
 COARSEN_FACTORS = (1.25, 1.5, 1.75, 2.0)  # medseg: tried in turn when too few steps fit the time budget
 OVERLAP = {"cuda": 0.5, "cpu": 0.25}  # window overlap of validation and prediction
+CPU_DATA_FACTOR = 1.25  # medseg, measured: a CPU training step with its data path takes 1.25x the bare step (below)
+TTA_MAX_SECONDS = 60.0  # medseg: mirroring TTA at prediction while a median case takes at most this long with it
 SGD_MIN_STEPS = 25_000  # a tenth of nnU-Net's 250,000 steps: fewer, and AdamW is used
 
 Timer = Callable[[Network, int], "StepTime"]
@@ -134,6 +136,7 @@ class Plan:
     optimizer: Mapping
     overlap: float
     notes: Mapping[str, str] = field(default_factory=dict)
+    tta: bool = False  # mirroring test-time augmentation in the plan's inference settings (:func:`tta_rule`)
 
 
 # ---------------------------------------------------------------------------------------------- spacing and shape
@@ -297,12 +300,30 @@ def windows_per_case(design: Design, overlap: float) -> int:
     return n * (design.median_shape[2] if dims == 2 and len(design.median_shape) == 3 else 1)
 
 
+def tta_rule(design: Design, timing: StepTime, overlap: float) -> tuple[bool, str]:
+    """Mirroring TTA (nnU-Net predicts with it by default) while its ``2**dims`` passes over a median-shaped case take
+    at most :data:`TTA_MAX_SECONDS` on the planned device (the measured forward time of a window x the windows)."""
+    passes = 2 ** design.network.spatial_dims
+    seconds = passes * windows_per_case(design, overlap) * timing.forward_seconds
+    use = seconds <= TTA_MAX_SECONDS
+    return use, (f"nnU-Net's mirroring: {passes} passes, ~{seconds:.0f} s for a median case here" if use else
+                 f"off: {passes} mirrored passes would take ~{seconds:.0f} s per median case here (> {TTA_MAX_SECONDS:g} s)")
+
+
+def training_step_seconds(timing: StepTime, budget: Budget) -> float:
+    """Seconds of a training step with its data path: the measured bare step (forward, loss, backward, optimiser) x
+    :data:`CPU_DATA_FACTOR` on a CPU, where the loader's sampling and augmentation share the cores with the step
+    (the 5-fold 2 mm BraTS run of docs/results.md: 0.655 s per step against 0.52 s measured bare), x 1 on a GPU
+    (the loader runs on CPU cores the GPU step leaves free)."""
+    return timing.step_seconds * (CPU_DATA_FACTOR if budget.device == "cpu" else 1.0)
+
+
 def make_schedule(timing: StepTime, windows: int, val_cases: int, budget: Budget, startup_seconds: float) -> Schedule:
     """Epochs x iterations that fill the time budget less case loading and validation: validation passes may use a
     tenth of the budget (at least one, the final); iterations per epoch are nnU-Net's 250 unless fewer give at least
     10 epochs; epochs fill what is left."""
     usable = budget.time_budget_min * 60.0 - startup_seconds
-    step = timing.step_seconds
+    step = training_step_seconds(timing, budget)
     one_val = val_cases * windows * timing.forward_seconds
     most = max(1, int(VALIDATION_SHARE * usable // one_val)) if one_val > 0 else 1  # validation passes allowed
     if usable - one_val < step:
@@ -364,7 +385,7 @@ def make_plan(fp: Fingerprint, budget: Budget, timer: Timer) -> Plan:
     design = design_at(fp, spacing, layout, budget, in_ch, out_ch)
     timing = timer(design.network, design.batch)
     schedule = schedule_of(design, timing)
-    factor, fitting = 1.0, int(schedule.train_seconds // timing.step_seconds)
+    factor, fitting = 1.0, int(schedule.train_seconds // training_step_seconds(timing, budget))
     if fitting < budget.min_steps:
         factor, design = _coarser(fp, spacing, layout, budget, (in_ch, out_ch), (design, timing), schedule_of)
         if factor != 1.0:
@@ -377,10 +398,11 @@ def make_plan(fp: Fingerprint, budget: Budget, timer: Timer) -> Plan:
                         f"{budget.min_steps} (medseg rule, at most x{COARSEN_FACTORS[-1]:g})")
     optimizer, optimizer_note = optimizer_for(steps)
     norm, norm_note = normalization(fp)
+    tta, tta_note = tta_rule(design, timing, overlap)
     notes = {"spacing": spacing_note, "layout": layout_note, "normalize": norm_note, "target": target_note,
-             "optimizer": optimizer_note}
+             "optimizer": optimizer_note, "tta": tta_note}
     return Plan(len(fp.cases), val_cases, in_ch, out_ch, target, scheme, budget, layout, layout.permute(spacing), factor,
-                design, timing, schedule, norm, optimizer, overlap, notes)
+                design, timing, schedule, norm, optimizer, overlap, notes, tta)
 
 
 def _coarser(fp: Fingerprint, spacing, layout: Layout, budget: Budget, channels: tuple[int, int],
@@ -397,6 +419,6 @@ def _coarser(fp: Fingerprint, spacing, layout: Layout, budget: Budget, channels:
                              timing.forward_seconds * conv_flops(cand.network, 1, *channels) / window0)
         chosen = (factor, cand)
         schedule = schedule_of(cand, predicted)
-        if schedule.train_seconds / predicted.step_seconds >= budget.min_steps:
+        if schedule.train_seconds / training_step_seconds(predicted, budget) >= budget.min_steps:
             break
     return chosen

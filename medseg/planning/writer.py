@@ -14,7 +14,7 @@ import yaml
 
 from medseg.atomic import write_text_atomic
 from medseg.planning.network import MIN_FEATURE_MAP, SPACING_RATIO, build_network
-from medseg.planning.planner import MIN_EPOCHS, VALIDATION_SHARE, WIDTHS, Plan
+from medseg.planning.planner import MIN_EPOCHS, VALIDATION_SHARE, WIDTHS, Plan, training_step_seconds
 
 COMMENT_COLUMN = 34
 
@@ -113,7 +113,9 @@ def _sampling_lines(plan: Plan) -> list[str]:
 
 def _training_lines(plan: Plan) -> list[str]:
     s, t, b = plan.schedule, plan.timing, plan.budget
-    epochs_note = (f"{s.epochs} x {s.iterations} steps of {t.step_seconds:.2f} s fill {b.time_budget_min:g} min less "
+    step = training_step_seconds(t, b)
+    data = f" ({t.step_seconds:.2f} s + the data path)" if step != t.step_seconds else ""
+    epochs_note = (f"{s.epochs} x {s.iterations} steps of {step:.2f} s{data} fill {b.time_budget_min:g} min less "
                    f"{s.startup_seconds:.0f} s loading and {s.validations} validation(s) of {s.validation_seconds:.0f} s")
     amp = {"fp32": "off"}.get(b.precision, b.precision)
     return [_line(0, "training", section=True), _line(2, "epochs", s.epochs, epochs_note),
@@ -121,7 +123,8 @@ def _training_lines(plan: Plan) -> list[str]:
             _line(2, "val_interval", s.val_interval, f"validation in at most {VALIDATION_SHARE:.0%} of the budget, "
                   "the final epoch always"),
             _line(2, "amp", amp, f"the precision the step time was measured in ({t.note})"),
-            _line(2, "grad_clip", 12.0, "nnU-Net"), _line(2, "device", b.device)]
+            _line(2, "grad_clip", 12.0, "nnU-Net"), _line(2, "device", b.device),
+            _line(2, "model_selection", "final", "the last epoch of the poly schedule (docs/training.md: model choice)")]
 
 
 def plan_yaml(plan: Plan, name: str, manifest: str, fingerprint: str, command: str = "") -> str:
@@ -136,7 +139,8 @@ def plan_yaml(plan: Plan, name: str, manifest: str, fingerprint: str, command: s
     lines = header + [_line(0, "name", name), _line(0, "seed", 0)]
     lines += _data_lines(plan, manifest) + _preprocessing_lines(plan) + _model_lines(plan) + _sampling_lines(plan)
     lines += _augmentation_lines()
-    lines += [_line(0, "loss", section=True), _line(2, "name", "auto", "Dice + BCE for regions, Dice + CE for classes")]
+    lines += [_line(0, "loss", section=True), _line(2, "name", "auto", "Dice + BCE for regions, Dice + CE for classes"),
+              _line(2, "batch_dice", True, "nnU-Net (3D full resolution, 2D): Dice over the batch, not per patch")]
     lines += [_line(0, "optimizer", section=True)] + [
         _line(2, k, v, plan.notes["optimizer"] if k == "name" else "") for k, v in opt.items()]
     lines += [_line(0, "schedule", section=True), _line(2, "name", "poly", "nnU-Net: lr x (1 - epoch / epochs)^0.9"),
@@ -145,7 +149,7 @@ def plan_yaml(plan: Plan, name: str, manifest: str, fingerprint: str, command: s
     windows = "x".join(str(p) for p in plan.design.network.patch)
     lines += [_line(0, "inference", section=True), _line(2, "roi_size", plan.design.network.patch, f"the patch ({windows})"),
               _line(2, "overlap", plan.overlap, "nnU-Net's 0.5 on a GPU; 0.25 on a CPU evaluates 1.8x instead of 4.2x the voxels"),
-              _line(2, "blend", "gaussian", "nnU-Net"), _line(2, "sw_batch_size", 2), _line(2, "tta", False)]
+              _line(2, "blend", "gaussian", "nnU-Net"), _line(2, "sw_batch_size", 2), _line(2, "tta", plan.tta, plan.notes.get("tta", ""))]
     return "\n".join(lines) + "\n"
 
 

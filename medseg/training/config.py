@@ -67,6 +67,7 @@ class SamplingConfig:
 class LossConfig:
     name: str = "auto"  # auto or a name of medseg.losses.LOSSES
     deep_supervision: bool = False
+    batch_dice: bool = False  # Dice sums over the whole batch per channel (nnU-Net 3D full resolution and 2D)
     vae_weight: float = 1.0  # weight of the segresnet_vae regulariser in the total loss
 
 

@@ -122,7 +122,7 @@ class Run:
         step.check_size(p.roi_size, "inference.roi_size")
         loss = None  # an instance model computes its own loss terms
         if p.data.target != "instances":
-            loss = create_loss(p.loss.name, p.data.target)
+            loss = create_loss(p.loss.name, p.data.target, p.loss.batch_dice)
             loss = DeepSupervisionLoss(loss) if p.loss.deep_supervision else loss
         used = dataclasses.replace(manifest, cases=train_m.cases + val_m.cases)
         cache = setup.load_cases(p, used, scheme, run_dir, options.progress and info.is_main, options.nan_policy)

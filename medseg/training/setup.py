@@ -160,5 +160,5 @@ def probe_model(p: Pipeline) -> None:
     step.check_size(tuple(p.sampling.patch_size), "sampling.patch_size")
     step.check_size(p.roi_size, "inference.roi_size")
     if p.data.target != "instances":
-        create_loss(p.loss.name, p.data.target)
+        create_loss(p.loss.name, p.data.target, p.loss.batch_dice)
     del step
