@@ -229,3 +229,18 @@ def test_hrnet_ocr_soft_regions_are_the_auxiliary_output():
                          ocr_channels=8, key_channels=4).train()
     out = model.forward_train(torch.randn(2, 3, 64, 32))
     assert model.deep_supervision and len(out.aux) == 1 and out.aux[0].shape == (2, 4, 64, 32)
+
+
+def test_plain_unet_applies_its_dropout():
+    from medseg.models import create_model
+
+    x = torch.randn(1, 1, 16, 16)
+    plain = create_model("unet", 2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0, dropout=0.5)
+    assert sum(isinstance(m, nn.Dropout) for m in plain.modules()) == 6  # after each conv of the 3 blocks
+    plain.train()
+    torch.manual_seed(0)
+    assert not torch.equal(plain(x), plain(x))  # two different dropout masks
+    plain.eval()
+    assert torch.equal(plain(x), plain(x))
+    none = create_model("unet", 2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0)
+    assert not any(isinstance(m, nn.Dropout) for m in none.modules())  # dropout 0: the modules (and keys) of before

@@ -57,8 +57,11 @@ def _level_block(dims: int, cin: int, cout: int, stride, num_res_units: int, nor
         norm_arg = ("group", {"num_groups": 8}) if norm == "group" else norm
         return ResidualUnit(dims, cin, cout, strides=stride, kernel_size=3, subunits=num_res_units, norm=norm_arg,
                             act="PRELU", dropout=dropout or None)
-    return nn.Sequential(ConvNormAct(dims, cin, cout, 3, stride, norm=norm, act="leakyrelu"),
-                         ConvNormAct(dims, cout, cout, 3, 1, norm=norm, act="leakyrelu"))
+    def drop() -> list[nn.Module]:  # none at 0, so checkpoints without dropout keep their keys
+        return [nn.Dropout(dropout)] if dropout else []
+
+    return nn.Sequential(ConvNormAct(dims, cin, cout, 3, stride, norm=norm, act="leakyrelu"), *drop(),
+                         ConvNormAct(dims, cout, cout, 3, 1, norm=norm, act="leakyrelu"), *drop())
 
 
 class UNet(SegmentationModel):
