@@ -185,6 +185,21 @@ def test_2d_images_train_predict_png_of_input_size_and_evaluate(tmp_path):
         assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(folder_preds / out.name)))
     labels = np.concatenate([np.asarray(Image.open(p)).ravel() for p in preds.glob("img??.png")])
     assert set(np.unique(labels)) <= {0, 1}
+    # a multi-page TIFF: one label page per image page, each as the page predicted alone (rgb scaling is per pixel)
+    pages = [Image.open(p).convert("RGB").crop((0, 0, 36, 40)) for p in sorted((root / "images").iterdir())[:3]]
+    stack_dir, single_dir = tmp_path / "stack", tmp_path / "single"
+    stack_dir.mkdir(), single_dir.mkdir()
+    pages[0].save(stack_dir / "stack.tif", save_all=True, append_images=pages[1:])
+    for n, page in enumerate(pages):
+        page.save(single_dir / f"page{n}.png")
+    for source in (stack_dir / "stack.tif", single_dir):
+        subprocess.run([*cmd, "predict", "--model", str(run), "--input", str(source), "--output", str(tmp_path / "stack_preds")],
+                       check=True, timeout=600)
+    with Image.open(tmp_path / "stack_preds" / "stack.tif") as stack:
+        assert stack.n_frames == 3 and stack.size == (36, 40)
+        for n in range(3):
+            stack.seek(n)
+            assert np.array_equal(np.asarray(stack), np.asarray(Image.open(tmp_path / "stack_preds" / f"page{n}.png")))
     report = tmp_path / "report"
     subprocess.run([*cmd, "evaluate", "--predictions", str(preds), "--manifest", str(manifest), "--output", str(report)], check=True, timeout=600)
     import pandas as pd

@@ -278,3 +278,16 @@ def test_real_pets_trimaps_and_em(shared_data):
     assert trimap.array.shape[2] == 1 and set(np.unique(trimap.array).tolist()) <= {1, 2, 3}
     em = read_volume(_first(shared_data / "isbi2012_em" / "images", "*.png"))
     assert em.array.shape == (512, 512, 1) and em.array.dtype == np.uint8
+
+
+def test_a_label_stack_is_written_as_a_multi_page_tiff(tmp_path):
+    stack = np.zeros((W, H, 3), np.uint16)
+    stack[1, 2, 0], stack[3, 1, 1] = 7, 300  # the second page needs 16 bits: every page is written with 16
+    write_image_2d(stack, tmp_path / "labels.tif")
+    back = read_volume(tmp_path / "labels.tif")
+    assert back.shape == (W, H, 3) and np.array_equal(back.array, stack)
+    small = (stack > 0).astype(np.uint8)
+    write_image_2d(small, tmp_path / "small.tif")
+    assert np.array_equal(read_volume(tmp_path / "small.tif").array, small)
+    with pytest.raises(MedsegError, match="one 2D image"):
+        write_image_2d(small, tmp_path / "labels.png")  # a PNG holds one page

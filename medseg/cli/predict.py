@@ -16,7 +16,8 @@ EPILOG = """examples:
   torchrun --nproc_per_node 4 -m medseg predict --model runs/unet3d --input cases.csv --output preds
 Writes <OUTPUT>/<case_id>.nii.gz (uint8 labels of the model's scheme, same shape/affine/orientation as the first
 channel) and with --probabilities <case_id>_prob.nii.gz (float32, channels last). For a 2D image (PNG, JPEG, BMP,
-TIFF) the labels are <case_id>.png of the input's width and height (16-bit when labels exceed 255), and with
+TIFF) the labels are <case_id>.png of the input's width and height (16-bit when labels exceed 255; <case_id>.tif with
+one page per page for a multi-page TIFF), and with
 --overlay a colour overlay <case_id>_overlay.png. Cases whose output exists (a label map of the scan's shape) are
 skipped, so a killed run is continued by running the same command again; its temporary files are removed then.
 Inputs are checked as 'medseg validate' checks them (one grid, 3D, invertible affine, finite values) before any
@@ -132,7 +133,7 @@ def run(args) -> int:
                       overwrite=args.overwrite, shard=shard, overlay=args.overlay, nan_policy=args.nan_policy, crf=args.crf,
                       progress=not args.no_progress and sys.stderr.isatty(),
                       **{k: v for k, v in options.items() if v is not None})
-    labels = [p for p in written if not p.name.endswith(("_prob.nii.gz", "_overlay.png", "_instances.png", "_instances.nii.gz",
+    labels = [p for p in written if not p.name.endswith(("_prob.nii.gz", "_overlay.png", "_instances.png", "_instances.tif", "_instances.nii.gz",
                                                            "_instances.json"))]
     print(f"{args.output}: {len(labels)} prediction(s) written" + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""))
     return 0

@@ -151,21 +151,41 @@ def _to_pil(array: np.ndarray, path: Path, fmt: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(grey.astype(np.uint8 if hi <= 255 else np.uint16)))
 
 
+def tiff_pages(path: str | Path) -> int:
+    """Pages of a TIFF file from its header (1 for other formats or an unreadable file: reading it says why)."""
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return 1
+    try:
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1))
+    except OSError:
+        return 1
+
+
 def write_image_2d(volume_or_array: Volume | np.ndarray, path: str | Path) -> Path:
     """Write a 2D label map or image atomically; the format follows the suffix (.png, .tif/.tiff, .bmp, .jpg).
 
     Labels up to 255 are stored as 8-bit grey, up to 65535 as 16-bit grey (PNG and TIFF only); colour
-    ``(W, H, 1, 3)`` as 8-bit RGB. PNG, TIFF and BMP read back (:func:`read_image_2d`) to the same array;
+    ``(W, H, 1, 3)`` as 8-bit RGB. A grey ``(W, H, N)`` stack of N > 1 pages is written as a multi-page TIFF (the
+    layout :func:`read_image_2d` reads a multi-page TIFF into). PNG, TIFF and BMP read back to the same array;
     JPEG is lossy: use it for pictures, never for label maps.
 
     Raises:
-        MedsegError: for a volume thicker than one voxel, or values the format cannot hold exactly.
+        MedsegError: for a volume thicker than one voxel (except a grey stack written as TIFF), or values the format
+            cannot hold exactly.
     """
     path = Path(path)
     array = volume_or_array.array if isinstance(volume_or_array, Volume) else np.asarray(volume_or_array)
     fmt = _WRITE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise MedsegError(f"{path}: cannot write a 2D image as '{path.suffix}'; use .png (or .tif, .bmp, .jpg)")
+    if fmt == "TIFF" and array.ndim == 3 and array.shape[2] > 1:  # a stack: one page per slice, one bit depth for all
+        pages = [_to_pil(array[:, :, n:n + 1], path, fmt) for n in range(array.shape[2])]
+        if len({page.mode for page in pages}) > 1:
+            pages = [Image.fromarray(np.asarray(page).astype(np.uint16)) for page in pages]
+        with atomic_path(path) as tmp:
+            pages[0].save(tmp, format=fmt, save_all=True, append_images=pages[1:])
+        return path
     image = _to_pil(array, path, fmt)
     options = {"quality": 95} if fmt == "JPEG" else {}
     with atomic_path(path) as tmp:

@@ -233,17 +233,22 @@ class Predictor:
     crf: dict | None = None  # dense-CRF options ({} = defaults) refining the probabilities (set by predict(crf=...))
 
     def output_paths(self, case: CaseInput | str, output_dir: Path) -> list[Path]:
-        """Label map first: ``<id>.png`` for a 2D image (PNG, JPEG, BMP, TIFF input), ``<id>.nii.gz`` otherwise;
-        then ``<id>_prob.nii.gz`` and ``<id>_overlay.png`` when asked for."""
+        """Label map first: ``<id>.png`` for a 2D image (PNG, JPEG, BMP, TIFF input), ``<id>.tif`` for a multi-page
+        TIFF (one page per input page), ``<id>.nii.gz`` otherwise; then ``<id>_prob.nii.gz`` and
+        ``<id>_overlay.png`` (one-page images) when asked for."""
+        from medseg.data.images2d import tiff_pages
+
         case_id, two_d = (case, False) if isinstance(case, str) else (case.id, is_image_2d(case.images[0].path))
         check_case_id(case_id, str(output_dir))  # outputs stay inside output_dir
         output_dir = Path(output_dir)
-        paths = [output_dir / f"{case_id}{'.png' if two_d else '.nii.gz'}"]
+        stack = two_d and tiff_pages(case.images[0].path) > 1
+        suffix = ".tif" if stack else ".png" if two_d else ".nii.gz"
+        paths = [output_dir / f"{case_id}{suffix}"]
         if self.instances is not None:
-            paths += [output_dir / f"{case_id}_instances{'.png' if two_d else '.nii.gz'}", output_dir / f"{case_id}_instances.json"]
+            paths += [output_dir / f"{case_id}_instances{suffix}", output_dir / f"{case_id}_instances.json"]
         if self.probabilities:
             paths.append(output_dir / f"{case_id}_prob.nii.gz")
-        if self.overlay and two_d:
+        if self.overlay and two_d and not stack:
             paths.append(output_dir / f"{case_id}_overlay.png")
         return paths
 
@@ -253,12 +258,12 @@ class Predictor:
         (float32 NIfTI) and, for 2D images, the colour overlay on ``images``, each atomically; labels last."""
         labels_path, *extra = self.output_paths(case, Path(output_dir))
         case_id = case if isinstance(case, str) else case.id
-        png = labels_path.suffix == ".png"
-        if not png and int(prediction.labels.array.max(initial=0)) > 255:
+        image = labels_path.suffix in (".png", ".tif")  # 8- or 16-bit grey as the values need
+        if not image and int(prediction.labels.array.max(initial=0)) > 255:
             raise MedsegError(f"case {case_id}: label values above 255 do not fit the uint8 output; use a scheme with values < 256")
         written = []
         for path in extra:
-            if path.name.endswith(("_instances.png", "_instances.nii.gz")) and prediction.instances is not None:
+            if path.name.endswith(("_instances.png", "_instances.tif", "_instances.nii.gz")) and prediction.instances is not None:
                 written.append(write_volume(prediction.instances, path, dtype=None))
             elif path.name.endswith("_instances.json") and prediction.instances is not None:
                 method = self.instances.method
@@ -274,7 +279,7 @@ class Predictor:
 
                 photo = read_volume(images[0].meta["path"]) if images[0].meta.get("path") else images[0]
                 written.append(write_overlay(photo, prediction.labels, path))
-        written.insert(0, write_volume(prediction.labels, labels_path, dtype=None if png else np.uint8))
+        written.insert(0, write_volume(prediction.labels, labels_path, dtype=None if image else np.uint8))
         return written
 
 

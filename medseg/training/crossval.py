@@ -102,9 +102,11 @@ def _no_postprocessing() -> dict:
 
 
 def prediction_path(folder: Path, case_id: str) -> Path:
-    """``<id>.nii.gz``, or ``<id>.png`` for a 2D image, in ``folder``."""
-    png = folder / f"{case_id}.png"
-    return png if png.exists() else folder / f"{case_id}.nii.gz"
+    """``<id>.nii.gz``, or ``<id>.png`` for a 2D image (``<id>.tif`` for a multi-page TIFF), in ``folder``."""
+    for suffix in (".png", ".tif"):
+        if (folder / f"{case_id}{suffix}").exists():
+            return folder / f"{case_id}{suffix}"
+    return folder / f"{case_id}.nii.gz"
 
 
 def _load_pairs(pred_dir: Path, manifest: Manifest, scheme: LabelScheme | None = None) -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
@@ -175,7 +177,7 @@ def summarize_cv(run_dir: Path, manifest: Manifest, folds: Sequence[int], progre
         path = prediction_path(raw, case.id)
         vol = read_mask(path)
         write_volume(vol.with_array(postprocess(np.asarray(vol.array), scheme, post)), final / path.name,
-                     dtype=None if path.suffix == ".png" else np.uint8)
+                     dtype=None if path.suffix in (".png", ".tif") else np.uint8)
     result = evaluate(final, manifest, scheme, progress=progress)
     write_report(result, run_dir / "cv" / "report")
     summary = result.summary
