@@ -49,7 +49,8 @@ def _epochs(run: Path) -> list[int]:
 
 
 def test_run_folder_holds_what_predict_needs(tmp_path):
-    result = train(load_pipeline(_pipeline(tmp_path)), run_dir=tmp_path / "run", progress=False)
+    pipeline = _pipeline(tmp_path, inference__sigma_scale=0.25, inference__skip_empty=False, inference__device="cpu")
+    result = train(load_pipeline(pipeline), run_dir=tmp_path / "run", progress=False)
     run = Path(result["run_dir"])
     assert (run / "pipeline.yaml").exists() and list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert _epochs(run) == [1, 2]
@@ -60,6 +61,13 @@ def test_run_folder_holds_what_predict_needs(tmp_path):
         assert ckpt["label_scheme"]["name"] == "brats" and ckpt["target"] == "regions"
         assert ckpt["preprocessing"]["orientation"] == "RAS" and ckpt["inference"]["roi_size"] == [24, 24, 16]
         assert ckpt["channels"] == ["flair", "t1", "t1ce", "t2"]
+        # every inference setting of the pipeline reaches medseg predict, except where it runs
+        assert ckpt["inference"]["sigma_scale"] == 0.25 and ckpt["inference"]["skip_empty"] is False
+        assert "device" not in ckpt["inference"] and list(ckpt["inference"]["largest_component"]) == []
+    from medseg.inference.loading import load_model, settings_for
+
+    infer, _ = settings_for(load_model(run))
+    assert (infer.sigma_scale, infer.skip_empty, infer.device, infer.roi_size) == (0.25, False, "auto", (24, 24, 16))
     from medseg.models import build_from_config
 
     model = build_from_config(ckpt["model"])

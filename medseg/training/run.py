@@ -40,6 +40,8 @@ from medseg.training.optim import build_optimizer
 from medseg.training.steps import ModelStep
 from medseg.training.validation import ValidationCase, validation_cases
 
+MACHINE_SETTINGS = ("device", "amp", "channels_last")  # inference settings that belong to the predicting machine
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -182,10 +184,11 @@ class Run:
             fh.write(json.dumps(entry, default=str) + "\n")
 
     def inference_dict(self) -> dict:
-        """The prediction defaults stored with the model: sliding window and postprocessing of the pipeline."""
-        i = self.p.inference
-        return {"roi_size": list(self.p.roi_size), "overlap": i.overlap, "blend": i.blend, "sw_batch_size": i.sw_batch_size,
-                "tta": i.tta, **dataclasses.asdict(self.p.postprocessing)}
+        """The prediction defaults stored with the model: every field of the pipeline's ``inference`` section (so
+        ``medseg predict`` windows, blends and crops as validation did) and its postprocessing, less where and in
+        which precision to run (:data:`MACHINE_SETTINGS`: the predicting machine's choice, ``--device``/``--amp``)."""
+        settings = {k: v for k, v in dataclasses.asdict(self.p.inference).items() if k not in MACHINE_SETTINGS}
+        return {**settings, "roi_size": list(self.p.roi_size), **dataclasses.asdict(self.p.postprocessing)}
 
     def checkpoint(self) -> dict:
         return {
