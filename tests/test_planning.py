@@ -501,16 +501,28 @@ def test_memory_estimate_against_a_measured_step():
 
 
 def test_a_step_measured_under_load_says_so(monkeypatch):
-    import os
-
     import torch
 
     from medseg.planning import measure
+    from medseg.planning.network import build_network
+    from medseg.runtime import resolve_precision
 
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.3, 2.0, 1.5))
-    assert measure._other_load(torch.device("cpu")) == 2.3
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.2, 0.3))
-    assert measure._other_load(torch.device("cpu")) is None
+    # (wall s, busy CPU s of the machine, CPU s of this process): 3 busy core-seconds in 2 s, 1 of them ours
+    assert measure.other_cores((0.0, 100.0, 5.0), (2.0, 103.0, 6.0)) == pytest.approx(1.0)
+    assert measure.other_cores((0.0, 100.0, 5.0), (2.0, 101.0, 6.0)) == 0.0  # only our own work
+    assert measure.other_cores(None, (2.0, 103.0, 6.0)) is None
+    snap = measure.cpu_snapshot()
+    if snap is not None:  # Linux: real readings move forward
+        later = measure.cpu_snapshot()
+        assert later[0] > snap[0] and later[1] >= snap[1] and later[2] >= snap[2]
+    net = build_network((16, 16, 16), (1.0, 1.0, 1.0), 4, 16)
+    timer = measure.step_timer(1, 2, "labels", torch.device("cpu"), resolve_precision("off", torch.device("cpu")),
+                               warmup=0, steps=1)
+    readings = iter([(0.0, 0.0, 0.0), (1.0, 2.0, 0.5)])  # 1.5 cores of others during the measurement
+    monkeypatch.setattr(measure, "cpu_snapshot", lambda: next(readings))
+    assert "WARNING: other processes used 1.5 CPU core(s)" in timer(net, 2).note
+    readings = iter([(0.0, 0.0, 0.0), (1.0, 0.6, 0.5)])  # 0.1: a quiet machine
+    assert "WARNING" not in timer(net, 2).note
 
 
 @pytest.mark.parametrize("name", ["polyp_endotect", "isbi2012_em"])

@@ -25,6 +25,7 @@ from medseg.planning.network import Network, conv_flops
 from medseg.planning.planner import StepTime, Timer
 
 MAX_VOXELS = 64**3  # the largest patch measured as is (per sample)
+BUSY_CORES = 0.25  # other processes using more CPU than this during the measurement: the plan says it was under load
 
 
 def measurement_patch(net: Network, max_voxels: int = MAX_VOXELS) -> tuple[int, ...]:
@@ -48,13 +49,15 @@ def step_timer(in_channels: int, out_channels: int, target: str, device, precisi
     def timer(net: Network, batch: int) -> StepTime:
         patch = measurement_patch(net, max_voxels)
         small = Network(patch, net.strides, net.kernels, net.channels)
+        before = cpu_snapshot()
         step, window = _measure(small, batch, in_channels, out_channels, target, device, precision, warmup, steps, sw_batch)
+        busy = other_cores(before, cpu_snapshot()) if device.type == "cpu" else None
         step_scale = conv_flops(net, batch, in_channels, out_channels) / conv_flops(small, batch, in_channels, out_channels)
         window_scale = conv_flops(net, 1, in_channels, out_channels) / conv_flops(small, 1, in_channels, out_channels)
         note = f"measured {step:.2f} s per step of {batch} x {list(patch)} on {device.type} ({precision.name})"
-        busy = _other_load(device)
-        if busy:
-            note += f"; WARNING: load average {busy:.1f} from other jobs slows the step, plan again on a quiet machine"
+        if busy is not None and busy > BUSY_CORES:
+            note += (f"; WARNING: other processes used {busy:.1f} CPU core(s) during the measurement and slow the step, "
+                     "plan again on a quiet machine")
         if patch != net.patch:
             note += f", scaled by FLOPs to {list(net.patch)}"
         return StepTime(step * step_scale, window * window_scale, note)
@@ -62,18 +65,32 @@ def step_timer(in_channels: int, out_channels: int, target: str, device, precisi
     return timer
 
 
-def _other_load(device) -> float | None:
-    """The 1-minute load average when other work competes for this CPU (more than 0.5 runnable jobs), else None.
-
-    On a shared 2-core machine a busy neighbour made the measured step 3-5x slower (PyTorch's threads spin-wait),
-    and a plan from such a measurement fills the budget with a few hundred steps instead of over a thousand.
-    """
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall seconds, busy CPU seconds of the whole machine, CPU seconds of this process) now; None where the
+    machine's CPU time cannot be read (``/proc/stat``: Linux)."""
     import os
 
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+    try:
+        with open("/proc/stat") as fh:
+            fields = [float(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
         return None
-    load = os.getloadavg()[0]
-    return load if load > 0.5 else None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return time.perf_counter(), (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def other_cores(before, after) -> float | None:
+    """CPU cores that other processes kept busy on average between two :func:`cpu_snapshot` s (this process's own
+    threads subtracted), or None when unknown.
+
+    On a shared 2-core machine a busy neighbour made the measured step 3-5x slower (PyTorch's threads spin-wait),
+    and a plan from such a measurement fills the budget with a few hundred steps instead of over a thousand. The
+    1-minute load average is no gauge for this: the plan's own reading and measuring raise it.
+    """
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / (after[0] - before[0]))
 
 
 def _sync(device) -> None:
