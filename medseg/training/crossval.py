@@ -101,12 +101,21 @@ def _no_postprocessing() -> dict:
     return {f.name: f.default for f in dataclasses.fields(PostprocessSettings) if f.name != "threshold"}
 
 
-def prediction_path(folder: Path, case_id: str) -> Path:
-    """``<id>.nii.gz``, or ``<id>.png`` for a 2D image (``<id>.tif`` for a multi-page TIFF), in ``folder``."""
-    for suffix in (".png", ".tif"):
-        if (folder / f"{case_id}{suffix}").exists():
-            return folder / f"{case_id}{suffix}"
-    return folder / f"{case_id}.nii.gz"
+def prediction_paths(folder: Path, manifest: Manifest) -> dict[str, Path]:
+    """The prediction of each case of ``manifest`` in ``folder``, found as ``medseg evaluate`` finds them
+    (:func:`medseg.evaluation.evaluate.match_predictions`: ``<id>.nii.gz``, ``<id>.png``, ``<id>.tif``, ...).
+
+    Raises:
+        MedsegError: naming the cases whose prediction is missing.
+    """
+    from medseg.evaluation.evaluate import match_predictions
+
+    found, _ = match_predictions(folder, [c.id for c in manifest.cases])
+    missing = [case_id for case_id, ref in found.items() if ref is None]
+    if missing:
+        raise MedsegError(f"{folder}: no out-of-fold prediction for {len(missing)} case(s) ({', '.join(missing[:5])}); "
+                          "train the missing folds, then run the summary again")
+    return {case_id: ref.path for case_id, ref in found.items()}
 
 
 def _load_pairs(pred_dir: Path, manifest: Manifest, scheme: LabelScheme | None = None) -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
@@ -114,11 +123,11 @@ def _load_pairs(pred_dir: Path, manifest: Manifest, scheme: LabelScheme | None =
     from medseg.evaluation.surface import bounding_box
 
     pairs = []
-    for case in manifest.cases:
-        if case.label is None:
-            continue
+    labelled = replace(manifest, cases=tuple(c for c in manifest.cases if c.label is not None))
+    paths = prediction_paths(pred_dir, labelled)
+    for case in labelled.cases:
         ref = read_label(case.label, scheme)
-        pred = np.asarray(read_mask(prediction_path(pred_dir, case.id)).array)
+        pred = np.asarray(read_mask(paths[case.id]).array)
         box = bounding_box((pred != 0) | (np.asarray(ref.array) != 0), margin=1) or tuple(slice(0, 1) for _ in pred.shape)
         pairs.append((case.id, pred[box], np.asarray(ref.array)[box], tuple(ref.spacing)))
     return pairs
@@ -173,8 +182,7 @@ def summarize_cv(run_dir: Path, manifest: Manifest, folds: Sequence[int], progre
     write_text_atomic(run_dir / "postprocessing.json", json.dumps(choice, indent=2) + "\n")
     post = PostprocessSettings.from_dict(choice["postprocessing"])
     final = run_dir / "cv" / "postprocessed"
-    for case in manifest.cases:
-        path = prediction_path(raw, case.id)
+    for path in prediction_paths(raw, manifest).values():
         vol = read_mask(path)
         write_volume(vol.with_array(postprocess(np.asarray(vol.array), scheme, post)), final / path.name,
                      dtype=None if path.suffix in (".png", ".tif") else np.uint8)
