@@ -1,0 +1,93 @@
+"""The BraTS ablations of docs/results.md that are not a plain ``medseg`` command.
+
+``tta``: predict a cross-validation run's out-of-fold cases again with mirroring TTA (nothing else changed), apply
+the run's chosen postprocessing, and print the mean Dice per region raw and postprocessed::
+
+    python bench/brats_ablations.py tta runs/brats_cv --manifest data_manifests/brats18_20.csv --output runs/tta_check
+
+``paired``: predict the cases of one fold with several runs (each with its own prediction defaults) and score them
+on the same cases, so runs trained on the same other folds compare on cases none of them saw::
+
+    python bench/brats_ablations.py paired --fold 0 --manifest data_manifests/brats18_20.csv --output runs/compare \\
+        planned=runs/brats_cv2/fold_0 old=runs/baseline16 old_final=runs/baseline16/checkpoints/last.pt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from medseg.data import read_manifest, write_manifest
+from medseg.data.io import read_mask, write_volume
+from medseg.evaluation import evaluate
+from medseg.inference.loading import load_model
+from medseg.inference.postprocess import PostprocessSettings, postprocess
+from medseg.inference.predictor import predict
+
+REGIONS = ("WT", "TC", "ET")
+
+
+def region_means(result) -> str:
+    """``WT 0.864 TC 0.760 ET 0.627 mean 0.750 | HD95 9.5 8.8 30.3`` from an evaluation result."""
+    s = result.summary
+    dice = s[(s.metric == "dice") & (s.kind == "region")].set_index("target")["mean"]
+    hd95 = s[(s.metric == "hd95") & (s.kind == "region")].set_index("target")["mean"]
+    return (" ".join(f"{t} {dice[t]:.3f}" for t in REGIONS) + f" mean {dice[list(REGIONS)].mean():.3f} | HD95 "
+            + " ".join(f"{hd95[t]:.1f}" for t in REGIONS))
+
+
+def tta(run: Path, manifest_path: Path, output: Path) -> None:
+    manifest = read_manifest(manifest_path)
+    folds = sorted({c.fold for c in manifest.cases if c.fold is not None})
+    raw, post_dir = output / "raw", output / "postprocessed"
+    start = time.perf_counter()
+    for k in folds:
+        cases = write_manifest(replace(manifest.select(folds=[k]), path=None), output / f"fold_{k}.csv")
+        predict(run / f"fold_{k}", cases, raw, tta=True, largest_component=(), et_min_voxels=0)
+    print(f"{len(manifest.cases)} cases predicted with TTA in {time.perf_counter() - start:.0f} s", flush=True)
+    scheme = load_model(run / f"fold_{folds[0]}").scheme
+    post = PostprocessSettings.from_dict(json.loads((run / "postprocessing.json").read_text())["postprocessing"])
+    for path in sorted(raw.glob("*.nii.gz")):
+        vol = read_mask(path)
+        write_volume(vol.with_array(postprocess(np.asarray(vol.array), scheme, post)), post_dir / path.name, dtype=np.uint8)
+    for name, folder in (("raw", raw), ("postprocessed", post_dir)):
+        print(f"{name}: {region_means(evaluate(folder, manifest, scheme))}", flush=True)
+
+
+def paired(runs: list[str], fold: int, manifest_path: Path, output: Path) -> None:
+    cases = write_manifest(replace(read_manifest(manifest_path).select(folds=[fold]), path=None), output / f"fold_{fold}.csv")
+    for item in runs:
+        name, _, model = item.partition("=")
+        if not model:
+            raise SystemExit(f"{item}: give NAME=RUN_OR_CHECKPOINT")
+        predict(model, cases, output / name)
+        result = evaluate(output / name, cases)
+        print(f"{name}: {region_means(result)}", flush=True)
+        table = result.cases[result.cases.kind == "region"].pivot_table(index="id", columns="target", values="dice")
+        print(table.round(3).to_string(), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("tta", help="out-of-fold predictions of a CV run again, with mirroring TTA")
+    t.add_argument("run", type=Path)
+    p = sub.add_parser("paired", help="several runs scored on the cases of one fold")
+    p.add_argument("runs", nargs="+", help="NAME=RUN_FOLDER_OR_CHECKPOINT")
+    p.add_argument("--fold", type=int, default=0)
+    for q in (t, p):
+        q.add_argument("--manifest", type=Path, default=Path("data_manifests/brats18_20.csv"))
+        q.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+    if args.what == "tta":
+        tta(args.run, args.manifest, args.output)
+    else:
+        paired(args.runs, args.fold, args.manifest, args.output)
+
+
+if __name__ == "__main__":
+    main()
