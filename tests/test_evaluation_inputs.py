@@ -53,7 +53,7 @@ def _digest(folder: Path) -> dict:
 def test_cli_writes_reports_and_leaves_inputs_alone(dataset, capsys):
     before = _digest(dataset["root"])
     out = dataset["root"] / "report"
-    rc = main(["evaluate", "--predictions", str(dataset["preds"]), "--manifest", str(dataset["manifest"]), "--output", str(out)])
+    rc = main(["evaluate", "--predictions", str(dataset["preds"]), "--manifest", str(dataset["manifest"]), "--output", str(out), "--no-progress"])
     assert rc == 0
     assert {p.name for p in out.iterdir()} == {"cases.csv", "summary.csv", "summary.json", "confusion.csv", "report.html"}
     summary = json.loads((out / "summary.json").read_text())

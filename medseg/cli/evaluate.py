@@ -38,6 +38,7 @@ def register(sub) -> None:
                    help="resample predictions that are not on the ground truth's grid (nearest neighbour) instead of stopping")
     p.add_argument("--workers", type=int, default=1, help="cases evaluated in parallel processes (default 1)")
     p.add_argument("--no-overlays", action="store_true", help="leave the overlay images out of report.html")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
     o = p.add_argument_group("objects (--objects: detection, PQ, AJI, AP, BraTS 2023 lesion-wise Dice/HD95)")
     o.add_argument("--objects", action="store_true",
                    help="also score objects: objects.csv, object_metrics.csv, object_summary.csv and an Objects section")
@@ -66,7 +67,7 @@ def run(args) -> int:
         objects = ObjectSettings(args.match_iou, args.lesion_wise, args.lesion_dilation, args.lesion_min_volume)
     result = evaluate(args.predictions, args.manifest, args.scheme, prediction_scheme=args.prediction_scheme,
                       settings=MetricSettings(tolerance_mm=args.tolerance, empty=args.empty), resample=args.resample,
-                      workers=args.workers, progress=sys.stderr.isatty(), objects=objects)
+                      workers=args.workers, progress=not args.no_progress and sys.stderr.isatty(), objects=objects)
     html = write_report(result, args.output, overlays=not args.no_overlays)
     if result.unmatched:
         print(f"warning: {len(result.unmatched)} prediction(s) have no ground truth and were ignored: "
