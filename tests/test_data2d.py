@@ -207,3 +207,19 @@ def test_2d_images_train_predict_png_of_input_size_and_evaluate(tmp_path):
     cases = pd.read_csv(report / "cases.csv")
     dice = cases[(cases.target == "foreground")]["dice"]
     assert len(dice) == 10 and dice.mean() > 0.7  # red discs on green: learnt in a minute
+
+
+def test_a_2d_array_nifti_is_refused_with_the_fix_not_a_traceback(tmp_path):
+    import nibabel as nib
+
+    from medseg.data.dataset import load_case
+    from medseg.data.manifest import Case
+    from medseg.data.preprocess import Preprocessing
+
+    nib.save(nib.Nifti1Image(np.zeros((12, 10), np.float32), np.eye(4)), tmp_path / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((12, 10, 1), np.uint8), np.eye(4)), tmp_path / "seg.nii.gz")
+    case = Case("flat", {"image": str(tmp_path / "flat.nii.gz")}, str(tmp_path / "seg.nii.gz"))
+    with pytest.raises(MedsegError, match=r"flat.nii.gz: a 2D array of shape \(12, 10\).*\(X, Y, 1\)"):
+        load_case(case, Preprocessing(crop_foreground=False), get_scheme("binary"))
+    nib.save(nib.Nifti1Image(np.zeros((12, 10, 1), np.float32), np.eye(4)), tmp_path / "flat.nii.gz")
+    assert load_case(case, Preprocessing(crop_foreground=False), get_scheme("binary")).image.shape == (1, 12, 10, 1)
