@@ -20,7 +20,6 @@ import numpy as np
 
 from medseg.atomic import atomic_path
 from medseg.data.checks import check_images
-from medseg.errors import ValidationError
 from medseg.data.io import read_mask, read_volume
 from medseg.data.labels import IGNORE, LabelScheme
 from medseg.data.manifest import Case
@@ -77,11 +76,6 @@ def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | No
     images = [read_volume(path) for path in case.images.values()]
     label_vol = read_mask(case.label) if case.label else None
     where = [f"case {case.id}: {name} {path}" for name, path in case.images.items()]
-    flat = [(w, v) for w, v in zip(where, images)] + ([(f"case {case.id}: label {case.label}", label_vol)] if label_vol else [])
-    flat = [f"{w}: a {v.array.ndim}D array of shape {v.shape}; scans are read as 3D volumes: save it as one slice of shape "
-            "(X, Y, 1) (numpy: array[..., None]), or as PNG/TIFF, which are read as 2D images" for w, v in flat if v.array.ndim < 3]
-    if flat:
-        raise ValidationError(flat)
     images = check_images(images, list(case.images), where, label=label_vol, label_where=f"case {case.id}: label {case.label}",
                           nan_policy=nan_policy)
     if label_vol is not None and scheme is not None:
