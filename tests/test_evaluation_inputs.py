@@ -137,3 +137,13 @@ def test_subfolders_prediction_manifest_and_workers(dataset):
     for other in (from_sub, evaluate(pm, dataset["manifest"]), evaluate(dataset["preds"], dataset["manifest"], workers=2)):
         cols = ["id", "kind", "target", "dice", "hd95", "nsd"]
         assert other.cases[cols].equals(base.cases[cols])
+
+
+def test_side_files_of_predict_are_told_from_label_maps():
+    from medseg.evaluation.evaluate import is_side_file
+
+    for name in ("c1_prob.nii.gz", "c1_overlay.png", "c1_instances.png", "c1_instances.tif", "c1_instances.nii.gz",
+                 "c1_instances.json"):
+        assert is_side_file(name), name
+    for name in ("c1.nii.gz", "c1.png", "c1.tif", "c1_probe.nii.gz", "c1_instance.png"):
+        assert not is_side_file(name), name

@@ -133,7 +133,8 @@ def run(args) -> int:
                       overwrite=args.overwrite, shard=shard, overlay=args.overlay, nan_policy=args.nan_policy, crf=args.crf,
                       progress=not args.no_progress and sys.stderr.isatty(),
                       **{k: v for k, v in options.items() if v is not None})
-    labels = [p for p in written if not p.name.endswith(("_prob.nii.gz", "_overlay.png", "_instances.png", "_instances.tif", "_instances.nii.gz",
-                                                           "_instances.json"))]
+    from medseg.evaluation.evaluate import is_side_file
+
+    labels = [p for p in written if not is_side_file(p.name)]
     print(f"{args.output}: {len(labels)} prediction(s) written" + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""))
     return 0

@@ -126,6 +126,14 @@ def match_predictions(predictions: str | Path, ids: Sequence[str]) -> tuple[dict
     return out, sorted((set(files) | set(folders)) - set(ids))
 
 
+def is_side_file(name: str) -> bool:
+    """True for a file ``medseg predict`` writes beside a label map: ``<id>_prob.nii.gz``, ``<id>_overlay.png``,
+    ``<id>_instances.*`` (the instance map and its JSON)."""
+    suffix = ".json" if name.endswith(".json") else _image_suffix(Path(name)) or ""
+    stem = name[: len(name) - len(suffix)]
+    return any(stem.endswith(side) for side in SIDE_FILES)
+
+
 def _image_suffix(p: Path) -> str | None:
     name = p.name.lower()
     return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)

@@ -263,18 +263,19 @@ class Predictor:
             raise MedsegError(f"case {case_id}: label values above 255 do not fit the uint8 output; use a scheme with values < 256")
         written = []
         for path in extra:
-            if path.name.endswith(("_instances.png", "_instances.tif", "_instances.nii.gz")) and prediction.instances is not None:
-                written.append(write_volume(prediction.instances, path, dtype=None))
-            elif path.name.endswith("_instances.json") and prediction.instances is not None:
+            side = path.name[len(case_id):]  # "_instances.png", "_instances.json", "_prob.nii.gz", "_overlay.png"
+            if side == "_instances.json" and prediction.instances is not None:
                 method = self.instances.method
                 if method == "auto":
                     method = "model" if self.segmenter.instance_model else "components"
                 written.append(write_object_table(path, case_id, prediction.objects,
                                                   path.name.replace(".json", labels_path.name[len(case_id):]),
                                                   method, self.instances.target))
-            elif path.name.endswith("_prob.nii.gz") and prediction.probabilities is not None:
+            elif side.startswith("_instances.") and prediction.instances is not None:
+                written.append(write_volume(prediction.instances, path, dtype=None))
+            elif side.startswith("_prob.") and prediction.probabilities is not None:
                 written.append(write_volume(prediction.probabilities, path, dtype=np.float32))
-            elif path.name.endswith("_overlay.png") and images:
+            elif side.startswith("_overlay.") and images:
                 from medseg.data.images2d import write_overlay
 
                 photo = read_volume(images[0].meta["path"]) if images[0].meta.get("path") else images[0]
