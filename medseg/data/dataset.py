@@ -102,6 +102,9 @@ def _geometry_from(z) -> Prepared | None:
                     shapes["oriented_shape"], shapes["resampled_shape"], bbox)
 
 
+LABEL_RESAMPLING_VERSION = 2  # 2: each value's share, aligned with the image (1: nearest neighbour, half a voxel off)
+
+
 class CaseCache:
     """Prepared cases by id, loaded once (threads) and kept in memory; ``cache_dir`` adds a disk cache."""
 
@@ -124,6 +127,7 @@ class CaseCache:
         stamp = [(str(r), os.path.getmtime(r.path), os.path.getsize(r.path)) for r in refs]
         key = [stamp, self.preprocessing.to_dict()] + ([self.nan_policy] if self.nan_policy != "error" else [])
         key.append(self.scheme.to_dict() if self.scheme is not None else "raw labels")  # decoded labels differ by scheme
+        key.append(f"labels resampled v{LABEL_RESAMPLING_VERSION}")  # a cache of an older label resampling is prepared again
         blob = json.dumps(key, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:16]
 

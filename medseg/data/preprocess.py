@@ -4,8 +4,12 @@ Steps, each optional and described by :class:`Preprocessing` (stored as a dict i
 ``medseg predict`` applies exactly what training applied):
 
 1. reorient to canonical axis codes (default ``RAS``): an exact permutation/flip of axes, no interpolation;
-2. resample to a target spacing in mm (trilinear for images, nearest for labels) — only when asked; or, for 2D images
-   of varying sizes, to a fixed ``size`` in pixels (``[width, height]``: "resize", undone exactly by ``invert``);
+2. resample to a target spacing in mm — only when asked; or, for 2D images of varying sizes, to a fixed ``size`` in
+   pixels (``[width, height]``: "resize", undone exactly by ``invert``). Images: (bi/tri)linear. Labels: each label
+   value's mask resampled (bi/tri)linearly on the same sample positions as the image, then the value with the largest
+   share per voxel (:func:`resample_label`; nnU-Net's scheme). Nearest-neighbour resampling of a label is *not*
+   aligned with the image when the grid halves: a new voxel sits between two old ones, and nearest picks one of
+   them, shifting every label half an old voxel against the image;
 3. crop to the bounding box of non-zero voxels in any channel (the head), plus a margin;
 4. z-score each channel over its non-zero voxels (background stays 0; ``zscore``: over all voxels), in float64 so
    that extreme but finite values (a header scale factor of 1e34) cannot overflow, after pulling far outliers in to
@@ -197,8 +201,7 @@ class Preprocessing:
         mode = "trilinear" if ndim == 3 else "bilinear"
         stack = F.interpolate(torch.from_numpy(stack)[None], size=new_shape, mode=mode, align_corners=False)[0].numpy()
         if lab is not None:
-            lab_t = torch.from_numpy(lab.astype(np.float32))[None, None]
-            lab = F.interpolate(lab_t, size=new_shape, mode="nearest")[0, 0].numpy().astype(lab.dtype)
+            lab = resample_label(lab, new_shape)
         # with align_corners=False, new voxel i sits at old voxel (i + 0.5) * s - 0.5, s = old/new size
         scale = old_shape / np.asarray(new_shape, dtype=float)
         zoom = np.eye(4)
@@ -250,6 +253,37 @@ class Preprocessing:
             inverse = _invert_ornt(prepared.ornt)
             full = np.stack([nib.orientations.apply_orientation(c, inverse) for c in full])
         return np.ascontiguousarray(full)
+
+
+def resample_label(label: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A label map on a new grid of ``shape`` spanning the same extent, on the sample positions of the image's
+    (bi/tri)linear resampling (``align_corners=False``): each value's 0/1 mask is interpolated linearly and every new
+    voxel takes the value with the largest share; a tie goes to the larger value (the rarer, foreground classes of
+    label maps). Down-sampling by 2 thus gives each new voxel the majority of the 2x2(x2) old voxels it covers, where
+    nearest neighbour would copy one corner of them (a shift of half an old voxel). Dtype kept; any values
+    (classes, instance ids, the ignore value) are resampled alike.
+
+    Example:
+        >>> import numpy as np
+        >>> resample_label(np.array([[0, 0, 1, 1], [0, 1, 1, 1]]), (1, 2)).tolist()
+        [[0, 1]]
+    """
+    label = np.asarray(label)
+    shape = tuple(int(n) for n in shape)
+    if label.shape == shape:
+        return label.copy()
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[label.ndim]
+    best = out = None
+    for value in np.unique(label):  # ascending: ">=" gives ties to the larger value
+        share = F.interpolate(torch.from_numpy((label == value).astype(np.float32))[None, None], size=shape, mode=mode,
+                              align_corners=False)[0, 0]
+        if best is None:
+            best, out = share, np.full(shape, value, dtype=label.dtype)
+        else:
+            take = (share >= best).numpy()
+            out[take] = value
+            best = torch.maximum(best, share)
+    return out
 
 
 FENCE = 10.0  # zscore: values beyond the 0.5/99.5 percentiles by more than FENCE x their range are pulled in to there
