@@ -10,6 +10,12 @@ on the same cases, so runs trained on the same other folds compare on cases none
 
     python bench/brats_ablations.py paired --fold 0 --manifest data_manifests/brats18_20.csv --output runs/compare \\
         planned=runs/brats_cv2/fold_0 old=runs/baseline16 old_final=runs/baseline16/checkpoints/last.pt
+
+``ceiling``: the Dice of a perfect model at a pipeline's spacing — each label taken to the training grid as training
+prepares it, its regions brought back to the scan's grid as ``medseg predict`` does (linear, threshold 0.5), scored
+against the label itself — with the package's label resampling and with nearest neighbour::
+
+    python bench/brats_ablations.py ceiling --pipeline pipelines/brats_planned.yaml --manifest data_manifests/brats18_20.csv
 """
 from __future__ import annotations
 
@@ -71,6 +77,38 @@ def paired(runs: list[str], fold: int, manifest_path: Path, output: Path) -> Non
         print(table.round(3).to_string(), flush=True)
 
 
+def ceiling(pipeline_path: Path, manifest_path: Path) -> None:
+    from unittest import mock
+
+    import torch
+    import torch.nn.functional as F
+
+    from medseg.data.dataset import load_case
+    from medseg.data.labels import get_scheme
+    from medseg.training.config import load_pipeline
+
+    def nearest(label, shape):
+        t = torch.from_numpy(np.asarray(label, np.float32))[None, None]
+        return F.interpolate(t, size=tuple(shape), mode="nearest")[0, 0].numpy().astype(label.dtype)
+
+    pipeline, manifest = load_pipeline(pipeline_path), read_manifest(manifest_path)
+    pre = pipeline.preprocessing
+    rows = {"package": [], "nearest": []}
+    scheme = get_scheme(pipeline.data.label_scheme or manifest.label_scheme)
+    for case in manifest.cases:
+        truth = scheme.to_regions(scheme.decode(read_mask(case.label).array, str(case.label))).astype(bool)
+        for name in rows:
+            with mock.patch("medseg.data.preprocess.resample_label", nearest) if name == "nearest" else mock.MagicMock():
+                data = load_case(case, pre, scheme)
+            back = pre.invert(scheme.to_regions(data.label).astype(np.float32), data.geometry) > 0.5
+            rows[name].append([2 * (b & t).sum() / max(1, b.sum() + t.sum()) for b, t in zip(back, truth)])
+        print(case.id, " ".join(f"{name} " + " ".join(f"{d:.3f}" for d in rows[name][-1]) for name in rows), flush=True)
+    names = scheme.region_names
+    for name, values in rows.items():
+        mean = np.mean(values, axis=0)
+        print(f"{name}: " + " ".join(f"{r} {d:.3f}" for r, d in zip(names, mean)), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -79,11 +117,16 @@ def main() -> None:
     p = sub.add_parser("paired", help="several runs scored on the cases of one fold")
     p.add_argument("runs", nargs="+", help="NAME=RUN_FOLDER_OR_CHECKPOINT")
     p.add_argument("--fold", type=int, default=0)
+    c = sub.add_parser("ceiling", help="Dice of a perfect model at a pipeline's spacing (label resampling there and back)")
+    c.add_argument("--pipeline", type=Path, default=Path("pipelines/brats_planned.yaml"))
+    c.add_argument("--manifest", type=Path, default=Path("data_manifests/brats18_20.csv"))
     for q in (t, p):
         q.add_argument("--manifest", type=Path, default=Path("data_manifests/brats18_20.csv"))
         q.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
-    if args.what == "tta":
+    if args.what == "ceiling":
+        ceiling(args.pipeline, args.manifest)
+    elif args.what == "tta":
         tta(args.run, args.manifest, args.output)
     else:
         paired(args.runs, args.fold, args.manifest, args.output)
