@@ -156,6 +156,55 @@ def test_resample_label_majority_ties_values_and_dtype():
     assert resample_label(np.array([[0, 0, 1, 1], [0, 1, 1, 1]]), (1, 2)).tolist() == [[0, 1]]
 
 
+def _shares(label: np.ndarray, shape) -> dict[int, np.ndarray]:
+    """Reference: every value's mask interpolated by torch over the whole grid (float64)."""
+    import torch
+    import torch.nn.functional as F
+
+    mode = {2: "bilinear", 3: "trilinear"}[label.ndim]
+    return {int(v): F.interpolate(torch.from_numpy((label == v).astype(np.float64))[None, None], size=tuple(shape),
+                                  mode=mode, align_corners=False)[0, 0].numpy() for v in np.unique(label)}
+
+
+def test_resample_label_takes_the_largest_interpolated_share_everywhere():
+    """Per bounding box and with the background as the remainder, the result is torch's interpolation of every
+    value's mask over the whole grid, argmax: on random maps (noise and boxes, 2D and 3D, up and down, values
+    sampled away between coarse samples) each voxel's value has the largest share, to float rounding."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(60):
+        ndim = int(rng.integers(2, 4))
+        old = tuple(int(n) for n in rng.integers(3, 16, ndim))
+        new = tuple(int(n) for n in rng.integers(2, 20, ndim))
+        values = np.sort(rng.choice(np.array([0, 1, 2, 4, 7, 255], np.uint8), int(rng.integers(2, 6)), replace=False))
+        if rng.random() < 0.5:
+            label = values[rng.integers(0, len(values), old)]
+        else:
+            label = np.full(old, values[0], np.uint8)
+            for v in values[1:]:
+                label[tuple(slice(int(a), int(a) + int(rng.integers(1, 6))) for a in rng.integers(0, np.array(old)))] = v
+        out = resample_label(label, new)
+        shares = _shares(label, new)
+        top = np.max(np.stack(list(shares.values())), axis=0)
+        got = np.choose(np.searchsorted(np.array(sorted(shares)), out), [shares[v] for v in sorted(shares)])
+        np.testing.assert_allclose(got, top, atol=1e-6)
+        checked += out.size
+    assert checked > 10_000
+
+
+def test_resample_label_many_objects_are_kept():
+    # 300 boxes of 6 voxels (instance ids) at even offsets: halved, each is exactly 3 voxels, the rest background
+    label = np.zeros((120, 100, 60), np.uint16)
+    expected = np.zeros((60, 50, 30), np.uint16)
+    for k in range(300):
+        i, j, z = (k % 15) * 8, (k // 15 % 10) * 10, (k // 150) * 30
+        label[i:i + 6, j:j + 6, z:z + 6] = k + 1
+        expected[i // 2:i // 2 + 3, j // 2:j // 2 + 3, z // 2:z // 2 + 3] = k + 1
+    out = resample_label(label, (60, 50, 30))
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_resampling_round_trip_keeps_thin_real_regions(brats_case):
     """A perfect model at 2 mm: the real label taken to 2 mm, its regions brought back to 1 mm by the inference path
     (linear, threshold 0.5). The enhancing rim of this case is a few voxels thick; an aligned down-sampling keeps
