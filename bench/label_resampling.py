@@ -3,7 +3,7 @@ rule: every value's mask interpolated by ``torch.nn.functional.interpolate`` ove
 
 Three maps on BraTS's 240x240x155 grid taken to 2 mm (120x120x78): a BraTS-like label (background and 3 classes), a
 map of 200 small objects (instance ids), and a map of 100 organ-sized boxes (a many-class CT). Medians of
-``--repeat`` runs after a warm-up call; one thread; the results of both ways are compared (equal up to float rounding of exact ties).
+``--repeat`` runs, and a real BraTS label when ``../shared/data`` is there, after a warm-up call; one thread; the results of both ways are compared (equal up to float rounding of exact ties).
 
     python bench/label_resampling.py
 """
@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medseg.data.io import read_mask
 from medseg.data.preprocess import resample_label
 
 SHAPE, NEW = (240, 240, 155), (120, 120, 78)
@@ -48,7 +50,11 @@ def maps(rng: np.random.Generator) -> dict[str, np.ndarray]:
     for v in range(1, 101):
         c = rng.integers(0, 200, 3)
         organs[c[0]:c[0] + 40, c[1]:c[1] + 35, c[2]:min(c[2] + 30, SHAPE[2])] = v
-    return {"brats-like (4 values)": brats, "200 objects": objects, "100 organs": organs}
+    found = {"brats-like (4 values)": brats, "200 objects": objects, "100 organs": organs}
+    real = Path("../shared/data/brats18/Brats18_2013_11_1/Brats18_2013_11_1_seg.nii.gz")
+    if real.exists():  # a real BraTS label, when the shared data is there
+        found["real BraTS label"] = np.asarray(read_mask(real).array).astype(np.uint8)
+    return found
 
 
 def timed(fn, repeat: int) -> float:
