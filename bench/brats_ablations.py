@@ -13,7 +13,8 @@ on the same cases, so runs trained on the same other folds compare on cases none
 
 ``ceiling``: the Dice of a perfect model at a pipeline's spacing — each label taken to the training grid as training
 prepares it, its regions brought back to the scan's grid as ``medseg predict`` does (linear, threshold 0.5), scored
-against the label itself — with the package's label resampling and with nearest neighbour::
+against the label itself — with the package's label resampling, with nearest neighbour, and with each region's share
+of a training voxel as the target (soft targets, which training does not use)::
 
     python bench/brats_ablations.py ceiling --pipeline pipelines/brats_planned.yaml --manifest data_manifests/brats18_20.csv
 """
@@ -80,6 +81,7 @@ def paired(runs: list[str], fold: int, manifest_path: Path, output: Path) -> Non
 def ceiling(pipeline_path: Path, manifest_path: Path) -> None:
     from unittest import mock
 
+    import nibabel as nib
     import torch
     import torch.nn.functional as F
 
@@ -93,14 +95,22 @@ def ceiling(pipeline_path: Path, manifest_path: Path) -> None:
 
     pipeline, manifest = load_pipeline(pipeline_path), read_manifest(manifest_path)
     pre = pipeline.preprocessing
-    rows = {"package": [], "nearest": []}
+    rows = {"package": [], "nearest": [], "soft": []}
     scheme = get_scheme(pipeline.data.label_scheme or manifest.label_scheme)
     for case in manifest.cases:
-        truth = scheme.to_regions(scheme.decode(read_mask(case.label).array, str(case.label))).astype(bool)
+        decoded = scheme.decode(read_mask(case.label).array, str(case.label))
+        truth = scheme.to_regions(decoded).astype(bool)
         for name in rows:
             with mock.patch("medseg.data.preprocess.resample_label", nearest) if name == "nearest" else mock.MagicMock():
                 data = load_case(case, pre, scheme)
-            back = pre.invert(scheme.to_regions(data.label).astype(np.float32), data.geometry) > 0.5
+            g = data.geometry
+            if name == "soft":  # each region's share of a training voxel (soft targets), not a label per voxel
+                regions = torch.from_numpy(scheme.to_regions(nib.orientations.apply_orientation(decoded, g.ornt)).astype(np.float32))
+                shares = F.interpolate(regions[None], size=tuple(g.resampled_shape), mode="trilinear", align_corners=False)[0]
+                prepared = shares.numpy()[(slice(None), *(slice(a, b) for a, b in g.bbox))]
+            else:
+                prepared = scheme.to_regions(data.label).astype(np.float32)
+            back = pre.invert(prepared, g) > 0.5
             rows[name].append([2 * (b & t).sum() / max(1, b.sum() + t.sum()) for b, t in zip(back, truth)])
         print(case.id, " ".join(f"{name} " + " ".join(f"{d:.3f}" for d in rows[name][-1]) for name in rows), flush=True)
     names = scheme.region_names
