@@ -182,6 +182,23 @@ def test_disk_cache_of_cases_with_channel_refs(tmp_path):
     np.testing.assert_array_equal(again.image, first.image)
 
 
+def test_disk_cache_of_an_older_label_resampling_is_prepared_again(tmp_path, monkeypatch):
+    """A cache written when labels were resampled by nearest neighbour (half a voxel off) must not be read back."""
+    from medseg.data import dataset
+    from medseg.data.manifest import Case
+    from medseg.data.preprocess import Preprocessing
+
+    image = write_volume(Volume(np.ones((8, 8, 8), np.float32), np.eye(4)), tmp_path / "img.nii.gz")
+    label = write_volume(Volume(np.zeros((8, 8, 8), np.uint8), np.eye(4)), tmp_path / "lab.nii.gz")
+    case = Case("a", {"t1": image}, label)
+    prep = Preprocessing(orientation=None, spacing=(2.0, 2.0, 2.0), crop_foreground=False, normalize="none")
+    monkeypatch.setattr(dataset, "LABEL_RESAMPLING_VERSION", 1)
+    dataset.CaseCache([case], prep, None, cache_dir=tmp_path / "cache", workers=1)
+    monkeypatch.undo()
+    dataset.CaseCache([case], prep, None, cache_dir=tmp_path / "cache", workers=1)
+    assert len(list((tmp_path / "cache").glob("a_*.npz"))) == 2  # not the old file
+
+
 # ----------------------------------------------------------------------------- one demo pipeline
 def test_demo_pipeline_has_one_source():
     link = ROOT / "pipelines" / "demo.yaml"
