@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -101,7 +102,7 @@ def ceiling(pipeline_path: Path, manifest_path: Path) -> None:
         decoded = scheme.decode(read_mask(case.label).array, str(case.label))
         truth = scheme.to_regions(decoded).astype(bool)
         for name in rows:
-            with mock.patch("medseg.data.preprocess.resample_label", nearest) if name == "nearest" else mock.MagicMock():
+            with mock.patch("medseg.data.preprocess.resample_label", nearest) if name == "nearest" else nullcontext():
                 data = load_case(case, pre, scheme)
             g = data.geometry
             if name == "soft":  # each region's share of a training voxel (soft targets), not a label per voxel

@@ -287,12 +287,13 @@ def resample_label(label: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     out = np.full(shape, rest, dtype=label.dtype)
     best = np.zeros(shape, np.float32)
     taken = np.zeros(shape, np.float32)
-    boxes = _bounding_boxes(label, values, rest)
+    boxes = _bounding_boxes(label, values)
+    whole = tuple(slice(0, n) for n in label.shape)
     for value in values:  # ascending: ">=" gives ties to the larger value
         if value == rest:
             continue
-        found = _share(label == value if boxes is None else label[boxes[value]] == value,
-                       None if boxes is None else boxes[value], weights)
+        box = boxes.get(value, whole)
+        found = _share(label[box] == value, box, weights)
         if found is None:
             continue
         region, share = found
@@ -315,30 +316,26 @@ def _linear_weights(n_old: int, n_new: int) -> tuple[np.ndarray, np.ndarray, np.
     return i0, i1, (src - i0).astype(np.float32)
 
 
-def _bounding_boxes(label: np.ndarray, values: np.ndarray, rest) -> dict | None:
-    """Value -> tuple of slices of its bounding box, for every value but ``rest`` (``scipy.ndimage.find_objects``,
-    one pass); ``None`` for non-integer or negative maps, which are then interpolated over the whole grid."""
+def _bounding_boxes(label: np.ndarray, values: np.ndarray) -> dict:
+    """Positive value -> tuple of slices of its bounding box (``scipy.ndimage.find_objects``, one pass). Empty for
+    non-integer or negative maps (``values``: the map's sorted values); values without a box (0 when it is not the
+    background) use the whole grid."""
     if label.dtype.kind not in "iu" or values[0] < 0 or values[-1] > 2 ** 24:
-        return None
+        return {}
     from scipy import ndimage
 
     found = ndimage.find_objects(label if label.dtype.itemsize <= 4 else label.astype(np.int64))
-    boxes = {v: found[v - 1] for v in values if v > 0 and v != rest}
-    if values[0] == 0 and rest != 0:
-        zero = label == 0
-        boxes[0] = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in
-                         (np.nonzero(np.any(zero, axis=tuple(k for k in range(label.ndim) if k != axis)))[0] for axis in range(label.ndim)))
-    return boxes
+    return {v: box for v, box in enumerate(found, start=1) if box is not None}
 
 
-def _share(mask: np.ndarray, box: tuple[slice, ...] | None, weights) -> tuple[tuple[slice, ...], np.ndarray] | None:
+def _share(mask: np.ndarray, box: tuple[slice, ...], weights) -> tuple[tuple[slice, ...], np.ndarray] | None:
     """The linearly interpolated share of ``mask`` (the value's mask within ``box`` of the old grid) on the part of
     the new grid it reaches: ``(new slices, share there)``; ``None`` when no new sample position reaches it (a
     thin object between the samples of a coarse grid)."""
     share = mask.astype(np.float32)
     region = []
     for axis, (i0, i1, w) in enumerate(weights):
-        lo, hi = (box[axis].start, box[axis].stop) if box is not None else (0, share.shape[axis])
+        lo, hi = box[axis].start, box[axis].stop
         reach = np.nonzero((i1 >= lo) & (i0 < hi))[0]
         if reach.size == 0:
             return None
