@@ -14,9 +14,15 @@ on the same cases, so runs trained on the same other folds compare on cases none
 ``ceiling``: the Dice of a perfect model at a pipeline's spacing — each label taken to the training grid as training
 prepares it, its regions brought back to the scan's grid as ``medseg predict`` does (linear, threshold 0.5), scored
 against the label itself — with the package's label resampling, with nearest neighbour, and with each region's share
-of a training voxel as the target (soft targets, which training does not use)::
+of a training voxel as the target (soft targets, ``data.soft_targets: true``)::
 
     python bench/brats_ablations.py ceiling --pipeline pipelines/brats_planned.yaml --manifest data_manifests/brats18_20.csv
+
+``compare``: two cross-validation runs over the same cases, paired per case from their reports (``RUN/cv/report``,
+out-of-fold and postprocessed): mean Dice per region, the cases each run wins, and the two-sided Wilcoxon
+signed-rank p-value of the differences::
+
+    python bench/brats_ablations.py compare runs/brats_cv3 runs/old_cv
 """
 from __future__ import annotations
 
@@ -79,10 +85,32 @@ def paired(runs: list[str], fold: int, manifest_path: Path, output: Path) -> Non
         print(table.round(3).to_string(), flush=True)
 
 
+def compare(run_a: Path, run_b: Path) -> None:
+    import pandas as pd
+    from scipy.stats import wilcoxon
+
+    def dice(run: Path) -> pd.DataFrame:
+        cases = pd.read_csv(run / "cv" / "report" / "cases.csv")
+        cases = cases[(cases.kind == "region") & cases.target.isin(REGIONS)]
+        return cases.pivot(index="id", columns="target", values="dice")[list(REGIONS)]
+
+    a, b = dice(run_a), dice(run_b)
+    if set(a.index) != set(b.index):
+        raise SystemExit(f"the runs scored different cases: {sorted(set(a.index) ^ set(b.index))}")
+    b = b.loc[a.index]
+    a["mean"], b["mean"] = a.mean(axis=1), b.mean(axis=1)
+    print(f"{len(a)} cases; A = {run_a}, B = {run_b}")
+    for col in a.columns:
+        diff = a[col] - b[col]
+        p = wilcoxon(a[col], b[col]).pvalue if (diff != 0).any() else 1.0
+        print(f"{col:>4}: A {a[col].mean():.3f}  B {b[col].mean():.3f}  A-B {diff.mean():+.3f}  "
+              f"A better in {(diff > 0).sum()}, B in {(diff < 0).sum()}  Wilcoxon p = {p:.3f}  "
+              f"worst A {a[col].min():.3f} B {b[col].min():.3f}")
+
+
 def ceiling(pipeline_path: Path, manifest_path: Path) -> None:
     from unittest import mock
 
-    import nibabel as nib
     import torch
     import torch.nn.functional as F
 
@@ -103,15 +131,12 @@ def ceiling(pipeline_path: Path, manifest_path: Path) -> None:
         truth = scheme.to_regions(decoded).astype(bool)
         for name in rows:
             with mock.patch("medseg.data.preprocess.resample_label", nearest) if name == "nearest" else nullcontext():
-                data = load_case(case, pre, scheme)
-            g = data.geometry
-            if name == "soft":  # each region's share of a training voxel (soft targets), not a label per voxel
-                regions = torch.from_numpy(scheme.to_regions(nib.orientations.apply_orientation(decoded, g.ornt)).astype(np.float32))
-                shares = F.interpolate(regions[None], size=tuple(g.resampled_shape), mode="trilinear", align_corners=False)[0]
-                prepared = shares.numpy()[(slice(None), *(slice(a, b) for a, b in g.bbox))]
+                data = load_case(case, pre, scheme, soft_targets=name == "soft")
+            if name == "soft":  # each region's share of a training voxel (data.soft_targets), not a label per voxel
+                prepared = data.soft.astype(np.float32)
             else:
                 prepared = scheme.to_regions(data.label).astype(np.float32)
-            back = pre.invert(prepared, g) > 0.5
+            back = pre.invert(prepared, data.geometry) > 0.5
             rows[name].append([2 * (b & t).sum() / max(1, b.sum() + t.sum()) for b, t in zip(back, truth)])
         print(case.id, " ".join(f"{name} " + " ".join(f"{d:.3f}" for d in rows[name][-1]) for name in rows), flush=True)
     names = scheme.region_names
@@ -128,6 +153,8 @@ def main() -> None:
     p = sub.add_parser("paired", help="several runs scored on the cases of one fold")
     p.add_argument("runs", nargs="+", help="NAME=RUN_FOLDER_OR_CHECKPOINT")
     p.add_argument("--fold", type=int, default=0)
+    k = sub.add_parser("compare", help="two CV runs over the same cases, paired per case")
+    k.add_argument("runs", nargs=2, type=Path, metavar="RUN")
     c = sub.add_parser("ceiling", help="Dice of a perfect model at a pipeline's spacing (label resampling there and back)")
     c.add_argument("--pipeline", type=Path, default=Path("pipelines/brats_planned.yaml"))
     c.add_argument("--manifest", type=Path, default=Path("data_manifests/brats18_20.csv"))
@@ -137,6 +164,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "ceiling":
         ceiling(args.pipeline, args.manifest)
+    elif args.what == "compare":
+        compare(*args.runs)
     elif args.what == "tta":
         tta(args.run, args.manifest, args.output)
     else:

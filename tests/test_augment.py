@@ -379,3 +379,32 @@ def test_photo_pipeline_on_2d_rgb_patches():
     for seed in range(8):
         img, _ = augment_patch(image, None, (30, 25), (32, 32), colour, np.random.default_rng(seed))
         assert img.min() >= 0.0 and img.max() <= 1.0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_soft_targets_move_exactly_with_the_image(dims):
+    """Soft targets (float region shares, ``data.soft_targets``) are resampled linearly like the image: with the
+    image's channels copied as the target, every spatial transform (and the float16 store) gives the same patch."""
+    image, _ = _volume(dims)
+    soft = np.clip(image[:2] * 0.2 + 0.5, 0.0, 1.0).astype(np.float16)  # two region "shares" with a smooth range
+    image = soft.astype(np.float32)
+    _, patch = SHAPES[dims]
+    rng = np.random.default_rng(4)
+    changed = 0
+    for _ in range(4):
+        img, target = augment_patch(image, soft, (15, 13, 11)[:dims], patch, _only(*SPATIAL), rng)
+        assert target.dtype == np.float32 and target.shape == (2, *patch)
+        np.testing.assert_allclose(target, img, atol=1e-6)
+        plain = crop_patch(image, None, (15, 13, 11)[:dims], patch)[0]
+        changed += not np.allclose(img, plain)
+    assert changed >= 3
+
+
+def test_soft_targets_are_left_alone_by_intensity_transforms():
+    image, _ = _volume(3)
+    soft = np.clip(image[:2] * 0.2 + 0.5, 0.0, 1.0).astype(np.float32)
+    _, patch = SHAPES[3]
+    intensity = [n for n in TRANSFORMS if n not in SPATIAL and n not in ("saturation", "hue")]
+    img, target = augment_patch(image, soft, (15, 13, 11), patch, _only(*intensity), np.random.default_rng(5))
+    assert np.array_equal(target, crop_patch(soft, None, (15, 13, 11), patch)[0])
+    assert not np.allclose(img, crop_patch(image, None, (15, 13, 11), patch)[0])

@@ -221,6 +221,42 @@ def test_resampling_round_trip_keeps_thin_real_regions(brats_case):
     assert dice[0] > 0.97 and dice[2] > 0.8, dice
 
 
+def test_region_shares_are_resampled_with_the_image_and_cropped_with_the_label(synthetic_case):
+    """``masks`` (soft targets) go through the images' reorientation and linear resampling, then the label's crop:
+    the same as the masks given as images, and they change nothing else."""
+    from medseg.data.labels import get_scheme
+
+    images, label = synthetic_case
+    masks = get_scheme("brats").to_regions(label.array).astype(np.float32)
+    pre = Preprocessing(orientation="RAS", spacing=(2.0, 1.5, 1.7), margin=1)
+    plain, soft = pre.apply(images, label), pre.apply(images, label, masks)
+    assert soft.bbox == plain.bbox and np.array_equal(soft.image, plain.image) and np.array_equal(soft.label, plain.label)
+    as_images = Preprocessing(orientation="RAS", spacing=(2.0, 1.5, 1.7), crop_foreground=False, normalize="none").apply(
+        [Volume(m, label.affine) for m in masks])
+    crop = tuple(slice(a, b) for a, b in soft.bbox)
+    np.testing.assert_allclose(soft.masks, np.clip(as_images.image[(slice(None), *crop)], 0, 1), atol=1e-6)
+    assert soft.masks.shape == (3, *soft.label.shape) and 0.0 < soft.masks[2][soft.masks[2] > 0].min() < 0.5  # shares
+
+
+def test_region_shares_keep_more_of_thin_real_regions_than_labels(brats_case):
+    """A perfect model at 2 mm trained on shares instead of the resampled label: brought back to 1 mm by the
+    inference path, the enhancing rim of this case keeps more (measured ET Dice 0.840 against 0.812)."""
+    from medseg.data.labels import get_scheme
+
+    images, label = brats_case
+    scheme = get_scheme("brats")
+    truth = scheme.to_regions(label.array)
+    pre = Preprocessing(spacing=(2.0, 2.0, 2.0), margin=2)
+    prepared = pre.apply(images, label, truth.astype(np.float32))
+
+    def dice(regions):
+        back = pre.invert(regions.astype(np.float32), prepared) > 0.5
+        return [2 * (b & t).sum() / (b.sum() + t.sum()) for b, t in zip(back, truth)]
+
+    hard, soft = dice(scheme.to_regions(prepared.label)), dice(prepared.masks)
+    assert soft[2] > hard[2] + 0.02 and all(s >= h for s, h in zip(soft, hard)), (soft, hard)
+
+
 def test_settings_round_trip_and_validation():
     pre = Preprocessing(spacing=(1, 1, 2), margin=0)
     assert Preprocessing.from_dict(pre.to_dict()) == pre

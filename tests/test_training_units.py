@@ -174,3 +174,41 @@ def test_split_cases_by_fold_split_and_train_split():
     assert val.ids == ["c1", "c4"] and train.ids == ["c0", "c3"]
     train, val = split_cases(m, parse_pipeline({"data": {"manifest": "m.csv", "val_fold": None}}))
     assert val.ids == [] and len(train.ids) == 6
+
+
+def test_soft_targets_from_the_prepared_case_to_the_batch(tmp_path):
+    """data.soft_targets: cases carry each region's share of a resampled voxel (kept through the disk cache, which
+    is keyed by the setting) and the patch dataset yields those shares as the regions target."""
+    from medseg.data.dataset import CaseCache
+    from medseg.data.io import write_volume
+    from medseg.data.manifest import Case
+    from medseg.data.preprocess import Preprocessing
+    from medseg.data.volume import Volume
+
+    grid = np.indices((24, 22, 20))
+    ball = ((grid - np.array([11.5, 10.3, 9.7]).reshape(3, 1, 1, 1)) ** 2).sum(0)
+    label = np.where(ball < 4.5**2, 4, np.where(ball < 7.0**2, 2, 0)).astype(np.uint8)  # ET inside oedema
+    image = write_volume(Volume((label > 0) + np.ones(label.shape, np.float32), np.eye(4)), tmp_path / "img.nii.gz")
+    case = Case("a", {"t1": image}, write_volume(Volume(label, np.eye(4)), tmp_path / "lab.nii.gz"))
+    prep = Preprocessing(orientation=None, spacing=(2.0, 2.0, 2.0), crop_foreground=False, normalize="none")
+    scheme = get_scheme("brats")
+    caches = [CaseCache([case], prep, scheme, cache_dir=tmp_path / "cache", workers=1, soft_targets=soft)["a"]
+              for soft in (False, True, True)]  # the third is read back from the disk cache
+    assert len(list((tmp_path / "cache").glob("a_*.npz"))) == 2
+    hard, soft, again = caches
+    assert hard.soft is None and soft.soft.shape == (3, 12, 11, 10) and np.array_equal(again.soft, soft.soft)
+    assert np.array_equal(soft.label, hard.label)  # the label (patch centres) is unchanged
+    et = soft.soft[2].astype(np.float64)
+    assert et.sum() * 8 == pytest.approx((label == 4).sum(), rel=0.02)  # shares keep the volume
+    assert ((et > 0.05) & (et < 0.95)).sum() > 20  # and the partial voxels of the boundary
+
+    p = parse_pipeline(_with(data={"soft_targets": True}, sampling={"patch_size": [8, 8, 8]}, augmentation={"enabled": False}))
+    x, y = PatchDataset([soft], p, scheme, 1)[0]
+    assert y.dtype == torch.float32 and y.shape == (3, 8, 8, 8)
+    values = torch.unique(y)
+    assert ((values > 0.05) & (values < 0.95)).any() and y.min() >= 0 and y.max() <= 1
+    with pytest.raises(MedsegError, match="data.soft_targets: true needs data.target: regions"):
+        from medseg.data.manifest import Manifest
+        from medseg.training.setup import label_scheme
+
+        label_scheme(parse_pipeline(_with(data={"soft_targets": True, "target": "labels"})), Manifest(("t1",), (), "brats"))

@@ -1,8 +1,8 @@
 """Data augmentation of training patches, after nnU-Net: spatial and intensity transforms of the patch.
 
 Spatial: rotation, scaling (one factor for all axes), optional elastic deformation — one affine (+ displacement
-field) resampled once with ``torch.nn.functional.grid_sample`` (linear for the image, nearest for the label, 0
-outside the volume) — then mirroring (exact flips), then quarter turns in the plane of the first two spatial axes (exact, off by default).
+field) resampled once with ``torch.nn.functional.grid_sample`` (linear for the image, nearest for a label of values,
+linear for soft targets — a float label ``(R, *S)`` of region shares —, 0 outside the volume) — then mirroring (exact flips), then quarter turns in the plane of the first two spatial axes (exact, off by default).
 Intensity, in nnU-Net's order: Gaussian noise, Gaussian blur, multiplicative brightness, contrast, [saturation, hue],
 simulated low resolution, gamma of the inverted image, gamma.
 
@@ -285,7 +285,8 @@ def _source_coords(params: Params, out_size: tuple[int, ...], start: Sequence[in
 
 
 def _resample(image: np.ndarray, label: Optional[np.ndarray], coords: list[torch.Tensor]) -> tuple[torch.Tensor, Optional[np.ndarray]]:
-    """Linear resampling of ``image`` (C, *S) and nearest of ``label`` (*S) at ``coords``; 0 outside."""
+    """Linear resampling of ``image`` (C, *S) and nearest of ``label`` (*S) at ``coords``; 0 outside. A float
+    ``label`` (R, *S) (soft targets) is resampled linearly, like the image."""
     shape = image.shape[1:]
     dims = len(shape)
     grid = torch.empty(*coords[0].shape, dims)
@@ -294,6 +295,10 @@ def _resample(image: np.ndarray, label: Optional[np.ndarray], coords: list[torch
     img = F.grid_sample(torch.from_numpy(image)[None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     if label is None:
         return img, None
+    if _is_soft(label):
+        soft = F.grid_sample(torch.from_numpy(np.ascontiguousarray(label, np.float32))[None], grid[None], mode="bilinear",
+                             padding_mode="zeros", align_corners=False)[0]
+        return img, soft.numpy()
     flat, inside, stride = None, None, 1
     for c, n in reversed(list(zip(coords, shape))):
         idx = torch.floor(c + 0.5)
@@ -304,6 +309,11 @@ def _resample(image: np.ndarray, label: Optional[np.ndarray], coords: list[torch
     lab = np.ascontiguousarray(label).reshape(-1)[flat.numpy()]
     lab[~inside.numpy()] = 0
     return img, lab
+
+
+def _is_soft(label: np.ndarray) -> bool:
+    """Soft targets (float shares with a leading channel axis) rather than label values."""
+    return label.dtype.kind == "f"
 
 
 # ---------------------------------------------------------------------------------------------- intensity
@@ -413,7 +423,8 @@ def apply(image: np.ndarray, label: Optional[np.ndarray], params: Params, out_si
           start: Optional[Sequence[int]] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """The ``out_size`` patch at ``start`` of ``image``, transformed by ``params`` (deterministic).
 
-    ``image``: (C, *S) float32, the patch plus its margin; ``label``: (*S) label values or None. ``start``: the
+    ``image``: (C, *S) float32, the patch plus its margin; ``label``: (*S) label values, (R, *S) float32 soft
+    targets (each region's share of a voxel, resampled linearly), or None. ``start``: the
     patch's first voxel in ``image`` (default: centred; may lie outside, which reads as 0). Rotation and scaling
     are about the patch centre. Returns (C, *out_size) float32 and (*out_size) with the label's dtype; the inputs
     are not modified.
@@ -432,12 +443,13 @@ def apply(image: np.ndarray, label: Optional[np.ndarray], params: Params, out_si
         value = getattr(params, name)
         if value is not None:
             img = transform(img, value)
+    lead = 0 if lab is None else lab.ndim - len(out_size)  # 1 for soft targets' channel axis
     if params.mirror:
         img = torch.flip(img, [a + 1 for a in params.mirror])
-        lab = None if lab is None else np.ascontiguousarray(np.flip(lab, params.mirror))
+        lab = None if lab is None else np.ascontiguousarray(np.flip(lab, tuple(a + lead for a in params.mirror)))
     if params.rot90 % 4:
         img = torch.rot90(img, params.rot90, [1, 2]).contiguous()
-        lab = None if lab is None else np.ascontiguousarray(np.rot90(lab, params.rot90, (0, 1)))
+        lab = None if lab is None else np.ascontiguousarray(np.rot90(lab, params.rot90, (lead, lead + 1)))
     return img.numpy(), lab
 
 
@@ -445,7 +457,8 @@ def augment_patch(image: np.ndarray, label: Optional[np.ndarray], centre: Sequen
                   aug: Augmentation, rng: np.random.Generator) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """The patch of ``patch_size`` around ``centre`` (placed as :func:`~medseg.data.sampling.crop_patch` does), augmented.
 
-    ``image``: (C, *spatial) whole volume (or slice); only a view of the patch plus margin is read.
+    ``image``: (C, *spatial) whole volume (or slice); only a view of the patch plus margin is read. ``label``:
+    (*spatial) label values, (R, *spatial) float soft targets (float16 is read as float32), or None.
     """
     patch_size = tuple(int(s) for s in patch_size)
     params = draw(aug, len(patch_size), image.shape[0], rng, patch_size)
@@ -454,5 +467,7 @@ def augment_patch(image: np.ndarray, label: Optional[np.ndarray], centre: Sequen
     lo = [max(0, a - m) for a, m in zip(start, margin)]
     hi = [min(n, a + p + m) for n, a, p, m in zip(image.shape[1:], start, patch_size, margin)]
     view = tuple(slice(a, b) for a, b in zip(lo, hi))
-    return apply(image[(slice(None), *view)], None if label is None else label[view], params, patch_size,
-                 tuple(a - b for a, b in zip(start, lo)))
+    lab = None if label is None else label[(Ellipsis, *view)]
+    if lab is not None and _is_soft(lab) and lab.dtype != np.float32:
+        lab = lab.astype(np.float32)
+    return apply(image[(slice(None), *view)], lab, params, patch_size, tuple(a - b for a, b in zip(start, lo)))

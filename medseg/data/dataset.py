@@ -1,7 +1,7 @@
 """Cases loaded, preprocessed and cached for training and validation.
 
-A :class:`CaseData` holds one case on the prepared grid (reoriented, cropped, normalised), its target
-(regions or class indices) and the voxel coordinates of each class, computed once per case so that choosing
+A :class:`CaseData` holds one case on the prepared grid (reoriented, cropped, normalised), its label values,
+optionally each region's share of every prepared voxel (soft targets) and the voxel coordinates of each class, computed once per case so that choosing
 foreground patch centres costs nothing per patch. :class:`CaseCache` loads cases in worker threads and keeps
 them in memory, optionally also on disk (``.npz`` keyed by the files and the preprocessing) so a second run
 starts at once.
@@ -30,13 +30,16 @@ from medseg.data.preprocess import Prepared, Preprocessing
 class CaseData:
     """One prepared case. ``image``: (C, *spatial) float32; ``label``: (*spatial) label values or None;
     ``class_coords``: label value -> (N, ndim) int32 voxel coordinates of that value (background excluded);
-    ``geometry``: the :class:`Prepared` record without its arrays, to invert a prediction onto the scan's grid."""
+    ``geometry``: the :class:`Prepared` record without its arrays, to invert a prediction onto the scan's grid;
+    ``soft``: ``(R, *spatial)`` float16, the share of each prepared voxel that each of the scheme's regions covers
+    on the label's own grid (``data.soft_targets``), or None."""
 
     id: str
     image: np.ndarray
     label: np.ndarray | None
     class_coords: dict[int, np.ndarray]
     geometry: Prepared | None = None
+    soft: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -66,9 +69,11 @@ def _class_coords(label: np.ndarray | None, scheme: LabelScheme | None = None, m
     return out
 
 
-def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | None, nan_policy: str = "error") -> CaseData:
+def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | None, nan_policy: str = "error",
+              soft_targets: bool = False) -> CaseData:
     """Read, check and preprocess one case; the label is decoded to label values by the scheme (0/255 masks,
-    thresholds, ignored values: see :mod:`medseg.data.labels`).
+    thresholds, ignored values: see :mod:`medseg.data.labels`). ``soft_targets``: also the share of each prepared
+    voxel covered by each of the scheme's regions on the label's grid (the regions resampled as the images are).
 
     The images and the label go through :func:`medseg.data.checks.check_images`, the check of ``medseg validate``
     (one grid, 3D, invertible affine, finite values; ``nan_policy="zero"`` sets non-finite voxels to 0 with a
@@ -80,9 +85,13 @@ def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | No
                           nan_policy=nan_policy)
     if label_vol is not None and scheme is not None:
         label_vol = label_vol.with_array(scheme.decode(label_vol.array, f"case {case.id}: label {case.label}"))
-    prepared = preprocessing.apply(images, label_vol)
+    masks = None
+    if soft_targets and label_vol is not None and scheme is not None:
+        masks = scheme.to_regions(label_vol.array).astype(np.float32)
+    prepared = preprocessing.apply(images, label_vol, masks)
     label = None if prepared.label is None else prepared.label.astype(np.uint8 if prepared.label.max(initial=0) < 256 else np.int32)
-    return CaseData(case.id, prepared.image, label, _class_coords(label, scheme), replace(prepared, image=None, label=None))
+    soft = None if prepared.masks is None else prepared.masks.astype(np.float16)
+    return CaseData(case.id, prepared.image, label, _class_coords(label, scheme), replace(prepared, image=None, label=None, masks=None), soft)
 
 
 _GEOMETRY = ("affine", "original_shape", "original_affine", "ornt", "oriented_shape", "resampled_shape", "bbox")
@@ -109,9 +118,11 @@ class CaseCache:
     """Prepared cases by id, loaded once (threads) and kept in memory; ``cache_dir`` adds a disk cache."""
 
     def __init__(self, cases: Sequence[Case], preprocessing: Preprocessing, scheme: LabelScheme | None,
-                 cache_dir: str | Path | None = None, workers: int = 2, progress: bool = False, nan_policy: str = "error"):
+                 cache_dir: str | Path | None = None, workers: int = 2, progress: bool = False, nan_policy: str = "error",
+                 soft_targets: bool = False):
         self.preprocessing = preprocessing
         self.nan_policy = nan_policy
+        self.soft_targets = soft_targets
         self.scheme = scheme
         self.cache_dir = Path(cache_dir) if cache_dir else None
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -128,22 +139,26 @@ class CaseCache:
         key = [stamp, self.preprocessing.to_dict()] + ([self.nan_policy] if self.nan_policy != "error" else [])
         key.append(self.scheme.to_dict() if self.scheme is not None else "raw labels")  # decoded labels differ by scheme
         key.append(f"labels resampled v{LABEL_RESAMPLING_VERSION}")  # a cache of an older label resampling is prepared again
+        if self.soft_targets:
+            key.append("soft targets")
         blob = json.dumps(key, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:16]
 
     def _load(self, case: Case) -> CaseData:
         if self.cache_dir is None:
-            return load_case(case, self.preprocessing, self.scheme, self.nan_policy)
+            return load_case(case, self.preprocessing, self.scheme, self.nan_policy, self.soft_targets)
         path = self.cache_dir / f"{case.id}_{self._key(case)}.npz"
         if path.exists():
             with np.load(path) as z:
                 geometry = _geometry_from(z)
                 if geometry is not None:  # a cache written before geometry was kept is prepared again
                     label = z["label"] if "label" in z.files else None
-                    return CaseData(case.id, z["image"], label, _class_coords(label, self.scheme), geometry)
-        data = load_case(case, self.preprocessing, self.scheme, self.nan_policy)
+                    soft = z["soft"] if "soft" in z.files else None
+                    return CaseData(case.id, z["image"], label, _class_coords(label, self.scheme), geometry, soft)
+        data = load_case(case, self.preprocessing, self.scheme, self.nan_policy, self.soft_targets)
         with atomic_path(path, suffix=".npz") as tmp:
             arrays = {"image": data.image} | ({"label": data.label} if data.label is not None else {}) | _geometry_arrays(data.geometry)
+            arrays |= {"soft": data.soft} if data.soft is not None else {}
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
         return data

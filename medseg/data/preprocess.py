@@ -66,6 +66,8 @@ class Prepared:
         ornt: nibabel orientation transform from the original to the canonical axes.
         resampled_shape: spatial shape after reorientation and resampling, before cropping.
         bbox: ``(start, stop)`` per axis of the crop within the resampled grid.
+        masks: ``(R, *spatial)`` float32 shares of the ``masks`` given to :meth:`Preprocessing.apply` on the
+            prepared grid (soft targets), or ``None``.
     """
 
     image: np.ndarray
@@ -77,6 +79,7 @@ class Prepared:
     oriented_shape: tuple[int, ...]
     resampled_shape: tuple[int, ...]
     bbox: tuple[tuple[int, int], ...]
+    masks: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -160,13 +163,23 @@ class Preprocessing:
         return d
 
     # ------------------------------------------------------------------ forward
-    def apply(self, images: Sequence[Volume], label: Volume | None = None) -> Prepared:
-        """Channels (each a Volume on one grid) and an optional label -> :class:`Prepared`."""
+    def apply(self, images: Sequence[Volume], label: Volume | None = None, masks: np.ndarray | None = None) -> Prepared:
+        """Channels (each a Volume on one grid) and an optional label -> :class:`Prepared`.
+
+        ``masks``: ``(R, *spatial)`` 0/1 masks on the images' grid (a label's regions), reoriented and resampled
+        exactly as the images (linearly, on the same sample positions) and cropped as the label, not normalised:
+        each prepared voxel gets the share of it each mask covers (soft targets, ``data.soft_targets``)."""
         first = images[0]
         ndim = first.spatial_ndim
         dtypes = [np.asarray(v.array).dtype for v in images]  # before the float32 stack: normalize: rgb reads them
         stack = np.stack([np.asarray(v.array, dtype=np.float32) for v in images])
         lab = None if label is None else np.asarray(label.array)
+        n_images = len(images)
+        if masks is not None:  # resampled with the images, split off before cropping and normalising
+            masks = np.asarray(masks, dtype=np.float32)
+            if masks.shape[1:] != stack.shape[1:]:
+                raise ValueError(f"masks of shape {masks.shape[1:]} do not match the images' grid {stack.shape[1:]}")
+            stack = np.concatenate([stack, masks])
         affine = first.affine
         ornt = np.array([[i, 1] for i in range(ndim)], dtype=float)
         if self.orientation and ndim == 3:
@@ -178,15 +191,17 @@ class Preprocessing:
         if self.spacing is not None or self.size is not None:
             stack, lab, affine = self._resample(stack, lab, affine)
         resampled_shape = stack.shape[1:]
+        stack, masks = (stack[:n_images], stack[n_images:]) if masks is not None else (stack, None)
         bbox = foreground_bbox(np.any(stack != 0, axis=0), self.margin) if self.crop_foreground else tuple((0, s) for s in resampled_shape)
         sl = tuple(slice(a, b) for a, b in bbox)
         stack = np.ascontiguousarray(stack[(slice(None), *sl)])
         lab = None if lab is None else np.ascontiguousarray(lab[sl])
+        masks = None if masks is None else np.clip(masks[(slice(None), *sl)], 0.0, 1.0)
         shift = np.eye(4)
         shift[:ndim, 3] = [a for a, _ in bbox]
         affine = affine @ shift
         stack = self._normalize(stack, dtypes)
-        return Prepared(stack, lab, affine, first.shape, first.affine.copy(), ornt, oriented_shape, resampled_shape, bbox)
+        return Prepared(stack, lab, affine, first.shape, first.affine.copy(), ornt, oriented_shape, resampled_shape, bbox, masks)
 
     def _resample(self, stack, lab, affine):
         ndim = stack.ndim - 1

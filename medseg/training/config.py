@@ -41,6 +41,7 @@ class DataConfig:
     val_fold: Optional[int] = 0  # cases of this fold validate; the others train
     val_split: Optional[str] = None  # alternatively: cases whose split is this value validate
     train_split: Optional[str] = None
+    soft_targets: bool = False  # regions: train on each region's share of a resampled voxel, not its majority label
     cache: str = "memory"  # memory | disk
     cache_dir: Optional[str] = None
     workers: int = 2

@@ -67,6 +67,9 @@ def label_scheme(p: Pipeline, manifest: Manifest) -> LabelScheme:
         raise MedsegError("data.label_scheme: training needs the label values; use a named scheme or a dict with labels")
     if p.data.target == "regions" and not scheme.regions:
         raise MedsegError(f"data.target: regions needs a scheme with regions, and '{scheme.name}' has none; use target: labels")
+    if p.data.soft_targets and p.data.target != "regions":
+        raise MedsegError(f"data.soft_targets: true needs data.target: regions (sigmoid shares), not {p.data.target}; "
+                          "set soft_targets: false")
     if p.data.target == "regions" and scheme.has_ignore:
         raise MedsegError(f"data.target: scheme '{scheme.name}' ignores values {list(scheme.ignore)}, which only labels targets "
                           "support; use target: labels")
@@ -80,7 +83,10 @@ def out_channels(scheme: LabelScheme, target: str) -> int:
 
 def make_target(label: np.ndarray, scheme: LabelScheme, target: str) -> np.ndarray:
     """Label values -> regions ``(R, *spatial)`` float32 or class indices ``(1, *spatial)`` int64; for
-    ``instances`` the instance map itself ``(1, *spatial)`` int64 (0 background, one id per object)."""
+    ``instances`` the instance map itself ``(1, *spatial)`` int64 (0 background, one id per object). Soft targets
+    (a float ``(R, *spatial)`` of region shares, ``data.soft_targets``) are the regions already."""
+    if target == "regions" and label.dtype.kind == "f":
+        return np.ascontiguousarray(label, dtype=np.float32)
     if target == "regions":
         return scheme.to_regions(label).astype(np.float32)
     if target == "instances":
@@ -126,7 +132,7 @@ class PatchDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([p.seed, self.epoch, i * self.world + self.rank])
         case = self.cases[int(rng.integers(len(self.cases)))]
         centre = choose_centre(p.sampling.sampler, case.shape, case.class_coords, rng, p.sampling.foreground_fraction)
-        image, label = case.image, case.label
+        image, label = case.image, (case.soft if case.soft is not None else case.label)  # soft: resampled linearly
         if p.model.spatial_dims == 2:  # an axial slice through the centre: a 3D patch of depth 1
             image, label, centre = image[..., centre[2]], label[..., centre[2]], centre[:2]
         # cropped with a margin (a view), augmented, centre-cropped to the patch size; labels still label values
@@ -142,7 +148,7 @@ def load_cases(p: Pipeline, manifest: Manifest, scheme: LabelScheme, run_dir: Pa
         cache_dir = p.resolve(p.data.cache_dir) if p.data.cache_dir else run_dir / "cache"
     # instance maps keep their object ids: they are not decoded by the scheme (which says what the objects are)
     return CaseCache(manifest.cases, pre, None if p.data.target == "instances" else scheme, cache_dir=cache_dir,
-                     workers=p.data.workers or 1, progress=progress, nan_policy=nan_policy)
+                     workers=p.data.workers or 1, progress=progress, nan_policy=nan_policy, soft_targets=p.data.soft_targets)
 
 
 def probe_model(p: Pipeline) -> None:
