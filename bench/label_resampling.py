@@ -1,4 +1,4 @@
-"""Seconds to resample a label map with :func:`medseg.data.preprocess.resample_label` against the plain way of the same
+"""Seconds to resample a label map with :func:`medseg.data.resample.resample_label` against the plain way of the same
 rule: every value's mask interpolated by ``torch.nn.functional.interpolate`` over the whole grid, then the argmax.
 
 Three maps on BraTS's 240x240x155 grid taken to 2 mm (120x120x78): a BraTS-like label (background and 3 classes), a
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.data.io import read_mask
-from medseg.data.preprocess import resample_label
+from medseg.data.resample import resample_label
 
 SHAPE, NEW = (240, 240, 155), (120, 120, 78)
 

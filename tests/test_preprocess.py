@@ -7,7 +7,8 @@ import pytest
 
 from medseg.data.io import read_volume
 from medseg.data.manifest import read_manifest
-from medseg.data.preprocess import Preprocessing, resample_label
+from medseg.data.preprocess import Preprocessing
+from medseg.data.resample import resample_label
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError
 
