@@ -83,10 +83,7 @@ def out_channels(scheme: LabelScheme, target: str) -> int:
 
 def make_target(label: np.ndarray, scheme: LabelScheme, target: str) -> np.ndarray:
     """Label values -> regions ``(R, *spatial)`` float32 or class indices ``(1, *spatial)`` int64; for
-    ``instances`` the instance map itself ``(1, *spatial)`` int64 (0 background, one id per object). Soft targets
-    (a float ``(R, *spatial)`` of region shares, ``data.soft_targets``) are the regions already."""
-    if target == "regions" and label.dtype.kind == "f":
-        return np.ascontiguousarray(label, dtype=np.float32)
+    ``instances`` the instance map itself ``(1, *spatial)`` int64 (0 background, one id per object)."""
     if target == "regions":
         return scheme.to_regions(label).astype(np.float32)
     if target == "instances":
@@ -132,12 +129,13 @@ class PatchDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([p.seed, self.epoch, i * self.world + self.rank])
         case = self.cases[int(rng.integers(len(self.cases)))]
         centre = choose_centre(p.sampling.sampler, case.shape, case.class_coords, rng, p.sampling.foreground_fraction)
-        image, label = case.image, (case.soft if case.soft is not None else case.label)  # soft: resampled linearly
+        soft = case.soft is not None  # data.soft_targets: the regions' shares, resampled linearly, are the target
+        image, label = case.image, (case.soft if soft else case.label)
         if p.model.spatial_dims == 2:  # an axial slice through the centre: a 3D patch of depth 1
             image, label, centre = image[..., centre[2]], label[..., centre[2]], centre[:2]
         # cropped with a margin (a view), augmented, centre-cropped to the patch size; labels still label values
         image, label = augment_patch(image, label, centre, p.sampling.patch_size, p.augmentation, rng)
-        return torch.from_numpy(image), torch.from_numpy(make_target(label, self.scheme, p.data.target))
+        return torch.from_numpy(image), torch.from_numpy(label if soft else make_target(label, self.scheme, p.data.target))
 
 
 def load_cases(p: Pipeline, manifest: Manifest, scheme: LabelScheme, run_dir: Path, progress: bool,
