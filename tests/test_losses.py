@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 
 from medseg.errors import MedsegError
-from medseg.losses import LOSSES, TARGETS, DeepSupervisionLoss, create_loss, loss_names, register
+from medseg.losses import LOSSES, TARGETS, DeepSupervisionLoss, create_loss, downsample_target, loss_names, register
 
 S = 1e-5  # smoothing in numerator and denominator
 
@@ -193,23 +193,43 @@ def test_perfect_prediction_gives_zero_dice():
 
 
 # ----------------------------------------------------------------------------- deep supervision
-def test_deep_supervision_weights_and_nearest_resizing():
-    # target 1 on even rows only: nearest down-sampling (rows 0, 2, ...) keeps only ones
-    target = torch.zeros(1, 1, 8, 4, 12)
-    target[:, :, 0::2] = 1
+def test_deep_supervision_weights_and_block_majority_targets():
+    # target 1 on three of each 2x2x2 block's corners: the majority is 1 everywhere, while one voxel per block
+    # (nearest neighbour: the block's first corner) would be 0 everywhere
+    target = torch.ones(1, 1, 8, 4, 12)
+    target[:, :, 0::2, 0::2, 0::2] = 0
+    target[:, :, 1::2, 1::2, 1::2] = 0  # two of eight corners off: share 0.75
     outputs = [torch.zeros(1, 1, 8, 4, 12), torch.full((1, 1, 4, 2, 6), math.log(3)), torch.full((1, 1, 2, 1, 3), -math.log(3))]
-    losses = [_dice_loss(0.5, 192, 384), _dice_loss(0.75, 48, 48), _dice_loss(0.25, 6, 6)]  # 1/2, 1/7, 3/5
+    fine = float(create_loss("dice", "regions")(outputs[0], target))
+    losses = [fine, _dice_loss(0.75, 48, 48), _dice_loss(0.25, 6, 6)]  # the coarse targets are all ones
     expected = 4 / 7 * losses[0] + 2 / 7 * losses[1] + 1 / 7 * losses[2]
-    assert expected == pytest.approx(4 / 7 * 0.5 + 2 / 49 + 3 / 35, abs=1e-5)
     loss = DeepSupervisionLoss(create_loss("dice", "regions"))
     assert float(loss(outputs, target)) == pytest.approx(expected, abs=1e-6)
 
 
-def test_deep_supervision_resizes_class_indices():
+def test_downsample_target_takes_each_block_majority():
+    torch.manual_seed(0)
+    regions = (torch.rand(2, 3, 8, 6, 4) > 0.5).float()
+    share = regions.reshape(2, 3, 4, 2, 3, 2, 2, 2).mean((3, 5, 7))  # the 2x2x2 blocks' means
+    torch.testing.assert_close(downsample_target(regions, (4, 3, 2)), (share >= 0.5).float())
+    torch.testing.assert_close(downsample_target(regions, (4, 3, 2), soft=True), share)
+    # class indices, -1 ignored: the block's most frequent value, a tie to the lower value
+    labels = torch.tensor([[[[0, 2, 3, 3],
+                             [2, 2, 3, -1],
+                             [1, 1, -1, -1],
+                             [0, 0, -1, 1]]]])
+    assert downsample_target(labels, (2, 2)).tolist() == [[[[2, 3], [0, -1]]]]
+    assert downsample_target(labels, (2, 2)).dtype == labels.dtype
+    # anisotropic factors (a stride of 1 on an axis)
+    torch.testing.assert_close(downsample_target(regions, (4, 3, 4), soft=True),
+                               regions.reshape(2, 3, 4, 2, 3, 2, 4).mean((3, 5)))
+
+
+def test_deep_supervision_resizes_class_indices_by_nearest_when_sizes_do_not_divide():
     logits, target = _batch("labels", 3)
     half = torch.randn(3, 4, 2, 3, 3)
     base = create_loss("dice_ce", "labels")
-    # nearest from (5, 6, 7) to (2, 3, 3) takes voxel floor(i * scale): rows 0, 2; columns 0, 2, 4; slices 0, 2, 4
+    # (5, 6, 7) to (2, 3, 3) is no whole factor: nearest takes voxel floor(i * scale): rows 0, 2; columns 0, 2, 4; slices 0, 2, 4
     small = target[:, :, [0, 2]][:, :, :, [0, 2, 4]][..., [0, 2, 4]]
     expected = 2 / 3 * base(logits, target) + 1 / 3 * base(half, small)
     assert float(DeepSupervisionLoss(base)([logits, half], target)) == pytest.approx(float(expected), abs=1e-6)

@@ -99,15 +99,36 @@ def test_size_message_and_padding_helper() -> None:
 
 
 def test_deep_supervision_outputs_only_in_training() -> None:
+    counts = {"unetpp": 1, "dynunet": 2, "unet": 2}
     for name, kw in (("unetpp", {"channels": (4, 8, 8)}), ("dynunet", {"filters": (4, 8, 8, 8), "strides": (1, 2, 2, 2),
-                                                                         "deep_supr_num": 2})):
+                                                                         "deep_supr_num": 2}),
+                     ("unet", {"channels": (4, 8, 8, 8, 8), "strides": (2, 2, 2, (2, 1)), "num_res_units": 0})):
         model = create_model(name, 2, 1, 2, deep_supervision=True, **kw).train()
         x = torch.randn(2, 1, 32, 16)
         train_out = model.forward_train(x)
         out = train_out.seg
-        assert isinstance(out, torch.Tensor) and len(train_out.aux) == (1 if name == "unetpp" else 2)
+        assert isinstance(out, torch.Tensor) and len(train_out.aux) == counts[name]
         assert all(a.shape[:2] == out.shape[:2] for a in train_out.aux)
         torch.testing.assert_close(model(x), out)  # forward gives the main output of forward_train
         model.eval()
         assert model(torch.randn(1, 1, 32, 16)).shape == (1, 2, 32, 16)
         assert model_config(model)["kwargs"]["deep_supervision"] is True
+
+
+def test_unet_deep_supervision_heads_sit_on_the_decoder_levels() -> None:
+    """nnU-Net's layout: one head per decoder level from half resolution to the second coarsest, each at its level's
+    grid (anisotropic strides included); without deep supervision the network and its weights are unchanged."""
+    kw = {"channels": (4, 8, 16, 32, 32), "strides": (2, 2, (2, 2, 1), 2), "num_res_units": 0}
+    torch.manual_seed(0)
+    plain = create_model("unet", 3, 2, 3, **kw)
+    torch.manual_seed(0)
+    deep = create_model("unet", 3, 2, 3, deep_supervision=True, **kw)
+    assert not any(k.startswith("aux_heads") for k in plain.state_dict())
+    assert deep.load_state_dict(plain.state_dict(), strict=False).missing_keys == [
+        "aux_heads.0.weight", "aux_heads.0.bias", "aux_heads.1.weight", "aux_heads.1.bias"]
+    x = torch.randn(1, 2, 32, 32, 16)
+    out = deep.forward_train(x)
+    assert [tuple(a.shape) for a in out.aux] == [(1, 3, 16, 16, 8), (1, 3, 8, 8, 4)]  # levels 1 and 2 of depth 4
+    torch.testing.assert_close(out.seg, plain(x))  # same trunk, same main output
+    assert create_model("unet", 3, 2, 3, deep_supervision=True, channels=(4, 8, 16), strides=(2, 2)).forward_train(
+        torch.randn(1, 2, 8, 8, 8)).aux == ()  # depth 2: no level between the finest and the coarsest

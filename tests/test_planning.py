@@ -250,6 +250,20 @@ def test_anisotropic_axis_is_pooled_and_convolved_late():
     assert net.model_kwargs["strides"][0] == [1, 1, 1]
 
 
+def test_deep_supervision_is_planned_where_a_decoder_level_lies_between_finest_and_coarsest():
+    """nnU-Net's deep supervision: on for 4 levels or more, with as many heads for dynunet as unet has (levels
+    1 .. levels - 3, checked on the built models); off for 3 levels."""
+    import torch
+    from medseg.models import create_model
+
+    for shape, spacing, heads in (((64, 80, 64), (2.0, 2.0, 2.0), 2), ((160, 160, 32), (0.8, 0.8, 5.0), 3),
+                                  ((16, 16, 16), (1.0, 1.0, 1.0), 0)):
+        net = build_network(shape, spacing, 4, 16)
+        assert net.deep_supervision is (heads > 0) and len(net.channels) - 3 == heads
+        model = create_model(net.model_name, 3, 1, 2, deep_supervision=net.deep_supervision, **net.model_kwargs)
+        assert len(model.forward_train(torch.zeros(1, 1, *net.patch)).aux) == heads
+
+
 def test_patch_shrinks_to_fit_memory_and_stays_divisible():
     start, spacing = (139, 170, 135), (1.0, 1.0, 1.0)
     full = build_network(start, spacing, 16, 256)
@@ -414,6 +428,7 @@ def test_written_pipeline_loads_and_equals_the_plan(tmp_path):
     assert (loaded.training.epochs, loaded.training.iterations_per_epoch) == (p.schedule.epochs, p.schedule.iterations)
     assert loaded.training.val_interval == p.schedule.val_interval and loaded.optimizer.name == p.optimizer["name"]
     assert loaded.loss.batch_dice is True and loaded.inference.tta == p.tta
+    assert loaded.loss.deep_supervision is (len(net.channels) >= 4)
     from medseg.data.augment import Augmentation
 
     assert loaded.augmentation == Augmentation()

@@ -188,6 +188,8 @@ def test_torchrun_two_cpu_ranks_end_identical(tmp_path):
     ("unetpp", 2, {"channels": [4, 8, 16], "deep_supervision": True}, [32, 32], {"loss": {"deep_supervision": True}}),
     ("dynunet", 3, {"filters": [4, 8, 16], "strides": [1, 2, 2], "kernel_size": [3, 3, 3]}, [24, 24, 16],
      {"loss": {"deep_supervision": True}, "data": {"target": "labels"}}),
+    ("unet", 3, {"channels": [4, 8, 8, 8], "strides": [2, 2, 2], "num_res_units": 0}, [24, 24, 16],
+     {"loss": {"deep_supervision": True}}),
 ])
 def test_vae_deep_supervision_and_2d_models_train(tmp_path, model, dims, kwargs, patch, extra):
     """The same trainer runs the VAE regulariser, deep supervision and a 2D model on slices of the volumes."""

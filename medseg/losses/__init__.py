@@ -186,11 +186,13 @@ class DeepSupervisionLoss(nn.Module):
 
     The weights sum to 1, so the main (finest) output is weighted too: 2/3 with one auxiliary output, 4/7 with
     two, 8/15 with three. ``outputs``: a list of logits ``(B, K, *spatial_k)``; for an output at a lower
-    resolution the target is resized with nearest neighbour (voxel ``i`` takes ``floor(i * scale)``), so class
-    indices and masks stay valid and keep their dtype.
+    resolution the target is taken to its grid by :func:`downsample_target` (each coarse voxel the majority of the
+    block it covers; ``soft=True``: region targets keep each block's share), so class indices and masks stay valid
+    and keep their dtype.
 
     MONAI's ``DeepSupervisionLoss`` is not used: its weights are not normalised and stop halving at 1/16, it
-    resizes with "nearest-exact" and it cannot resize int64 class-index targets.
+    resizes with "nearest-exact" (one voxel of each block, half a fine voxel off the coarse logits' centres) and it
+    cannot resize int64 class-index targets.
 
     Example:
         >>> import torch
@@ -201,20 +203,40 @@ class DeepSupervisionLoss(nn.Module):
         0.1111
     """
 
-    def __init__(self, loss: nn.Module):
+    def __init__(self, loss: nn.Module, soft: bool = False):
         super().__init__()
         self.loss = loss
+        self.soft = soft
 
     def forward(self, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor) or not outputs:
             raise TypeError("DeepSupervisionLoss takes a non-empty list of outputs, finest first")
         weights = [0.5 ** k for k in range(len(outputs))]
         total = sum(weights)
-        return sum(w / total * self.loss(out, _resized(target, out.shape[2:])) for w, out in zip(weights, outputs))
+        return sum(w / total * self.loss(out, downsample_target(target, out.shape[2:], self.soft))
+                   for w, out in zip(weights, outputs))
 
 
-def _resized(target: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """``target`` on the spatial grid ``size`` by nearest neighbour, dtype kept."""
-    if target.shape[2:] == size:
+def downsample_target(target: torch.Tensor, size: Sequence[int], soft: bool = False) -> torch.Tensor:
+    """A target ``(B, R or 1, *spatial)`` on the coarser grid ``size`` of an auxiliary output, dtype kept.
+
+    Where each axis shrinks by a whole factor (a network's strides), a coarse voxel covers a block of fine voxels and
+    takes the block's majority: a region mask its share >= 0.5 (``soft``: the share itself), class indices the most
+    frequent value (an ignored voxel's -1 counts as a value of its own; a tie goes to the lower value). Taking one
+    voxel of each block (nearest neighbour) would put the target half a fine voxel off the coarse logits. Other
+    sizes fall back to nearest neighbour.
+    """
+    size = tuple(int(v) for v in size)
+    if tuple(target.shape[2:]) == size:
         return target
-    return F.interpolate(target.float(), size=tuple(size), mode="nearest").to(target.dtype)
+    fine = tuple(target.shape[2:])
+    if len(size) not in (2, 3) or any(b < 1 or a % b for a, b in zip(fine, size)):
+        return F.interpolate(target.float(), size=size, mode="nearest").to(target.dtype)
+    factors = tuple(a // b for a, b in zip(fine, size))
+    pool = F.avg_pool3d if len(size) == 3 else F.avg_pool2d
+    if target.is_floating_point():
+        share = pool(target.float(), factors, factors)
+        return (share if soft else (share >= 0.5)).to(target.dtype)
+    values = torch.unique(target)
+    counts = torch.stack([pool((target == v).float(), factors, factors) for v in values])
+    return values[counts.argmax(0)].to(target.dtype)

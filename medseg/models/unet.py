@@ -18,7 +18,10 @@
 Encoder level ``i`` turns ``channels[i-1]`` into ``channels[i]`` at stride ``strides[i-1]`` (strided first
 convolution, as MONAI's UNet); each level is two conv-norm-act layers, or a MONAI ``ResidualUnit`` with
 ``num_res_units`` sub-units. The decoder up-samples (``upsample``), concatenates the skip (weighted by an
-attention gate in ``attention_unet``) and applies the same block. A 1x1 convolution gives the logits.
+attention gate in ``attention_unet``) and applies the same block. A 1x1 convolution gives the logits. With
+``deep_supervision=True`` a 1x1 head on each decoder output from half resolution down to the second coarsest gives
+auxiliary logits at that output's resolution, finest first (nnU-Net's deep supervision: every decoder resolution
+but the coarsest; ``forward_train`` only, ``forward`` is unchanged).
 
 Shapes: ``x: (B, in_channels, *S) -> (B, out_channels, *S)``; every axis of ``S`` must be a multiple of
 ``prod(strides)`` on that axis.
@@ -41,7 +44,7 @@ import torch.nn as nn
 from monai.networks.blocks import ResidualUnit
 
 from medseg.errors import MedsegError
-from medseg.models.base import SegmentationModel, as_tuple, stride_product
+from medseg.models.base import SegmentationModel, TrainOutput, as_tuple, stride_product
 from monai.networks.layers.factories import Norm
 
 from medseg.models.blocks import AttentionGate, ConvNormAct, Upsample, choose, conv, conv_transpose, max_pool
@@ -72,12 +75,13 @@ class UNet(SegmentationModel):
         strides: down-sampling per level (``len(channels) - 1`` entries, each an int or per-axis tuple).
         num_res_units: 0 for two plain convolutions per level, else residual units with this many sub-units.
         norm: "instance" | "batch" | "group". upsample: "deconv" | "deconv4" | "interp" ("nontrainable" = "interp").
+        deep_supervision: auxiliary heads on the decoder outputs at levels ``1 .. depth - 2`` (none for depth < 3).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
                  channels: Sequence[int] = (16, 32, 64, 128, 256), strides: Optional[Sequence] = None,
                  num_res_units: int = 2, norm: str = "instance", upsample: str = "deconv", dropout: float = 0.0,
-                 attention: bool = False):
+                 attention: bool = False, deep_supervision: bool = False):
         super().__init__(spatial_dims, in_channels, out_channels)
         channels = [int(c) for c in channels]
         strides = list(strides) if strides is not None else [2] * (len(channels) - 1)
@@ -100,21 +104,39 @@ class UNet(SegmentationModel):
                 self.gates.append(AttentionGate(dims, channels[i], channels[i], max(1, channels[i] // 2), norm))
             self.merge.append(_level_block(dims, 2 * channels[i], channels[i], 1, num_res_units, norm, dropout))
         self.head = conv(dims, channels[0], out_channels, 1)
+        self.deep_supervision = bool(deep_supervision)
+        if self.deep_supervision:  # heads of levels 1 .. depth-2, finest first; absent otherwise (checkpoints keep their keys)
+            self.aux_heads = nn.ModuleList([conv(dims, channels[i], out_channels, 1) for i in range(1, len(strides) - 1)])
+            self.unused_in_forward = ("aux_heads.",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._decode(x)[-1])
+
+    def forward_train(self, x: torch.Tensor) -> TrainOutput:
+        """Main logits, and with deep supervision the auxiliary logits of levels 1 .. depth-2 (finest first)."""
+        outs = self._decode(x)
+        if not self.deep_supervision:
+            return TrainOutput(self.head(outs[-1]))
+        levels = outs[-2:0:-1]  # decoder outputs at levels 1, 2, ..., depth - 2
+        return TrainOutput(self.head(outs[-1]), tuple(h(o) for h, o in zip(self.aux_heads, levels)))
+
+    def _decode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The decoder's outputs, coarsest (level depth-1) first, full resolution (level 0) last."""
         self.check_input(x)
         skips = []
         for block in self.down:
             x = block(x)
             skips.append(x)
         x = skips.pop()
+        outs = []
         for k, (up, merge) in enumerate(zip(self.up, self.merge)):
             skip = skips.pop()
             x = up(x)
             if len(self.gates):
                 skip = self.gates[k](skip, x)
             x = merge(torch.cat([x, skip], 1))
-        return self.head(x)
+            outs.append(x)
+        return outs
 
 
 class CicekUNet(SegmentationModel):
@@ -212,6 +234,7 @@ def build_preset(model: str, presets: dict, preset: str, spatial_dims: int, in_c
 @register("unet", (2, 3), PAPER_UNET + "; default: strided residual variant, preset cicek2016: the paper, preset monai: MONAI's UNet",
           test_kwargs={"channels": (4, 8, 16), "strides": (2, 2)},
           test_variants=({"num_res_units": 1}, {"num_res_units": 0, "upsample": "interp", "norm": "batch"},
+                         {"channels": (4, 8, 16, 32), "strides": (2, 2, 2), "num_res_units": 0, "deep_supervision": True},
                          {"preset": "cicek2016"}, {"preset": "monai", "num_res_units": 1}))
 def unet(spatial_dims: int, in_channels: int, out_channels: int, preset: Optional[str] = None, **kwargs) -> nn.Module:
     """U-Net; ``preset`` "cicek2016" (the paper's layout) or "monai" (MONAI's UNet) instead of the default layout."""
@@ -223,7 +246,7 @@ def unet(spatial_dims: int, in_channels: int, out_channels: int, preset: Optiona
 @register("attention_unet", (2, 3), PAPER_ATTENTION, test_kwargs={"channels": (4, 8, 16), "strides": (2, 2)})
 def attention_unet(spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int] = (16, 32, 64, 128, 256),
                    strides: Optional[Sequence] = None, num_res_units: int = 0, norm: str = "instance",
-                   upsample: str = "deconv", dropout: float = 0.0) -> UNet:
+                   upsample: str = "deconv", dropout: float = 0.0, deep_supervision: bool = False) -> UNet:
     """Attention U-Net: U-Net with plain double-conv levels and an additive attention gate on every skip."""
     return UNet(spatial_dims, in_channels, out_channels, channels, strides, num_res_units, norm, upsample, dropout,
-                attention=True)
+                attention=True, deep_supervision=deep_supervision)

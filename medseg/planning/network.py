@@ -61,13 +61,22 @@ class Network:
         return "dynunet" if any(k != 3 for level in self.kernels for k in level) else "unet"
 
     @property
+    def deep_supervision(self) -> bool:
+        """nnU-Net's deep supervision, planned where a decoder level lies between the finest and the coarsest
+        (4 levels or more): a head on each of the levels 1 .. levels - 3."""
+        return len(self.channels) >= 4
+
+    @property
     def model_kwargs(self) -> dict:
         """Keyword arguments of the registered model (``medseg models``), as plain lists."""
         strides = [list(s) for s in self.strides]
         if self.model_name == "unet":
             return {"channels": list(self.channels), "strides": strides, "num_res_units": 0, "norm": "instance"}
-        return {"filters": list(self.channels), "strides": [[1] * self.spatial_dims, *strides],
-                "kernel_size": [list(k) for k in self.kernels], "norm": "instance"}
+        kwargs = {"filters": list(self.channels), "strides": [[1] * self.spatial_dims, *strides],
+                  "kernel_size": [list(k) for k in self.kernels], "norm": "instance"}
+        if self.deep_supervision:  # DynUNet's heads, as many as unet's (levels 1 .. levels - 3)
+            kwargs["deep_supr_num"] = len(self.channels) - 3
+        return kwargs
 
 
 def pooling(patch: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:

@@ -91,7 +91,8 @@ def _model_lines(plan: Plan) -> list[str]:
              _line(2, "spatial_dims", net.spatial_dims, plan.notes["layout"]), _line(2, "kwargs", section=True)]
     for key, value in kw.items():
         comment = {"channels": width, "filters": width, "strides": pool, "kernel_size": "3, or 1 on coarse axes (nnU-Net)",
-                   "num_res_units": "two conv-norm-act per level, as nnU-Net", "norm": "instance norm, as nnU-Net"}[key]
+                   "num_res_units": "two conv-norm-act per level, as nnU-Net", "norm": "instance norm, as nnU-Net",
+                   "deep_supr_num": "deep supervision heads on the decoder levels 1 .. levels - 3"}[key]
         lines.append(_line(4, key, value, comment))
     return lines
 
@@ -140,7 +141,10 @@ def plan_yaml(plan: Plan, name: str, manifest: str, fingerprint: str, command: s
     lines += _data_lines(plan, manifest) + _preprocessing_lines(plan) + _model_lines(plan) + _sampling_lines(plan)
     lines += _augmentation_lines()
     lines += [_line(0, "loss", section=True), _line(2, "name", "auto", "Dice + BCE for regions, Dice + CE for classes"),
-              _line(2, "batch_dice", True, "nnU-Net (3D full resolution, 2D): Dice over the batch, not per patch")]
+              _line(2, "batch_dice", True, "nnU-Net (3D full resolution, 2D): Dice over the batch, not per patch"),
+              _line(2, "deep_supervision", plan.design.network.deep_supervision,
+                    "nnU-Net: the loss also on the decoder levels 1 .. levels - 3, weights halving" if plan.design.network.deep_supervision
+                    else "off: no decoder level between the finest and the coarsest (fewer than 4 levels)")]
     lines += [_line(0, "optimizer", section=True)] + [
         _line(2, k, v, plan.notes["optimizer"] if k == "name" else "") for k, v in opt.items()]
     lines += [_line(0, "schedule", section=True), _line(2, "name", "poly", "nnU-Net: lr x (1 - epoch / epochs)^0.9"),

@@ -125,7 +125,7 @@ class Run:
         loss = None  # an instance model computes its own loss terms
         if p.data.target != "instances":
             loss = create_loss(p.loss.name, p.data.target, p.loss.batch_dice)
-            loss = DeepSupervisionLoss(loss) if p.loss.deep_supervision else loss
+            loss = DeepSupervisionLoss(loss, p.data.soft_targets) if p.loss.deep_supervision else loss
         used = dataclasses.replace(manifest, cases=train_m.cases + val_m.cases)
         cache = setup.load_cases(p, used, scheme, run_dir, options.progress and info.is_main, options.nan_policy)
         train_cases = [cache[c.id] for c in train_m.cases]

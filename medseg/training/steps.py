@@ -67,7 +67,7 @@ class ModelStep:
             raise MedsegError(f"model.kwargs: {err}; see 'medseg models' and docs/models.md for the arguments of {p.model.name}") from None
         if p.loss.deep_supervision and not getattr(model, "deep_supervision", False):
             raise MedsegError(f"loss.deep_supervision: model {p.model.name} has no deep supervision; set it to false or use "
-                              "unetpp/dynunet/hrnet_ocr/danet")
+                              "unet/attention_unet/unetpp/dynunet/hrnet_ocr/danet")
         instances = getattr(model, "task", "semantic") == "instances"
         if instances != (p.data.target == "instances"):
             raise MedsegError(f"data.target: {p.data.target} does not fit model {p.model.name}, "
