@@ -429,6 +429,9 @@ def test_written_pipeline_loads_and_equals_the_plan(tmp_path):
     assert loaded.training.val_interval == p.schedule.val_interval and loaded.optimizer.name == p.optimizer["name"]
     assert loaded.loss.batch_dice is True and loaded.inference.tta == p.tta
     assert loaded.loss.deep_supervision is (len(net.channels) >= 4)
+    from medseg.planning.planner import MIN_STEPS
+
+    assert p.budget.min_steps == MIN_STEPS and "--min-steps" not in text  # the default, not written in the command
     from medseg.data.augment import Augmentation
 
     assert loaded.augmentation == Augmentation()

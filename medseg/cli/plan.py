@@ -27,8 +27,9 @@ def register(sub) -> None:
     p.add_argument("--dims", default="auto", choices=["auto", "2", "3"], help="2D or 3D model (default: auto)")
     p.add_argument("--modality", default=None, metavar="ct|mri[,...]",
                    help="modality of every channel, or one per channel (default: guessed from names and intensities)")
-    p.add_argument("--min-steps", type=int, default=1000, metavar="N",
-                   help="coarsen the spacing when fewer training steps fit the budget (default: 1000; 0: never)")
+    p.add_argument("--min-steps", type=int, default=None, metavar="N",
+                   help="coarsen the spacing when fewer training steps fit the budget (default: the planner's "
+                        "MIN_STEPS, docs/planning.md; 0: never)")
     p.add_argument("--name", default=None, help="pipeline name (default: the output file's stem)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -41,7 +42,7 @@ def run(args) -> int:
     tune_allocator()  # as training does, so the measured step time is training's
     command = f"medseg plan {args.manifest} -o {args.output} --device {args.device} --time-budget {args.time_budget:g}"
     for flag, value in (("--memory", args.memory), ("--dims", None if args.dims == "auto" else args.dims),
-                        ("--modality", args.modality), ("--min-steps", None if args.min_steps == 1000 else args.min_steps)):
+                        ("--modality", args.modality), ("--min-steps", args.min_steps)):
         command += f" {flag} {value:g}" if isinstance(value, float) else f" {flag} {value}" if value is not None else ""
     p = plan(args.manifest, args.output, device=args.device, memory_gib=args.memory, time_budget_min=args.time_budget,
              dims=args.dims, modality=args.modality, min_steps=args.min_steps, name=args.name,

@@ -110,18 +110,19 @@ class UNet(SegmentationModel):
             self.unused_in_forward = ("aux_heads.",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self._decode(x)[-1])
+        return self.head(self._decode(x, keep=False)[-1])
 
     def forward_train(self, x: torch.Tensor) -> TrainOutput:
         """Main logits, and with deep supervision the auxiliary logits of levels 1 .. depth-2 (finest first)."""
-        outs = self._decode(x)
+        outs = self._decode(x, keep=self.deep_supervision)
         if not self.deep_supervision:
             return TrainOutput(self.head(outs[-1]))
         levels = outs[-2:0:-1]  # decoder outputs at levels 1, 2, ..., depth - 2
         return TrainOutput(self.head(outs[-1]), tuple(h(o) for h, o in zip(self.aux_heads, levels)))
 
-    def _decode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The decoder's outputs, coarsest (level depth-1) first, full resolution (level 0) last."""
+    def _decode(self, x: torch.Tensor, keep: bool) -> list[torch.Tensor]:
+        """The decoder's outputs, coarsest (level depth-1) first, full resolution (level 0) last; only the last unless
+        ``keep`` (inference holds no coarser output longer than it needs)."""
         self.check_input(x)
         skips = []
         for block in self.down:
@@ -135,8 +136,9 @@ class UNet(SegmentationModel):
             if len(self.gates):
                 skip = self.gates[k](skip, x)
             x = merge(torch.cat([x, skip], 1))
-            outs.append(x)
-        return outs
+            if keep:
+                outs.append(x)
+        return outs if keep else [x]
 
 
 class CicekUNet(SegmentationModel):

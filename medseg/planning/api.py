@@ -6,7 +6,7 @@ from typing import Sequence
 
 from medseg.errors import MedsegError, check_choice
 from medseg.planning.fingerprint import fingerprint_manifest
-from medseg.planning.planner import Budget, Plan, Timer, make_plan
+from medseg.planning.planner import MIN_STEPS, Budget, Plan, Timer, make_plan
 from medseg.planning.writer import write_plan
 
 
@@ -22,7 +22,7 @@ def _stem(path: Path) -> str:
 
 def plan(manifest: str | Path, output: str | Path, *, device: str = "cpu", memory_gib: float | None = None,
          time_budget_min: float = 20.0, dims: str | int = "auto", modality: str | Sequence[str] | None = None,
-         min_steps: int = 1000, name: str | None = None, progress: bool | None = None, timer: Timer | None = None,
+         min_steps: int | None = None, name: str | None = None, progress: bool | None = None, timer: Timer | None = None,
          command: str = "") -> Plan:
     """Plan a pipeline for the labelled cases of ``manifest`` and write it to ``output`` (YAML), with the dataset
     fingerprint beside it (``NAME.fingerprint.json``). Returns the :class:`~medseg.planning.planner.Plan`.
@@ -32,7 +32,8 @@ def plan(manifest: str | Path, output: str | Path, *, device: str = "cpu", memor
         memory_gib: memory for training (default: 8 GiB on CPU, the GPU's memory on CUDA).
         time_budget_min: wall-clock minutes for the whole training run (loading, steps, validation).
         dims: ``auto``, 2 or 3. modality: ``ct``/``mri`` for all channels or one per channel (default: guessed).
-        min_steps: below this many training steps in the budget, the spacing is coarsened (docs/planning.md).
+        min_steps: below this many training steps in the budget, the spacing is coarsened (default
+            :data:`~medseg.planning.planner.MIN_STEPS`; docs/planning.md).
         timer: ``timer(network, batch) -> StepTime`` instead of measuring (tests, or planning for another machine).
 
     Example:
@@ -44,6 +45,7 @@ def plan(manifest: str | Path, output: str | Path, *, device: str = "cpu", memor
 
     check_choice(device, ("cpu", "cuda"), "--device")
     dims = check_choice(str(dims), ("auto", "2", "3"), "--dims")
+    min_steps = MIN_STEPS if min_steps is None else min_steps
     if time_budget_min <= 0 or min_steps < 0 or (memory_gib is not None and memory_gib <= 0):
         raise MedsegError("--time-budget and --memory must be positive, --min-steps not negative")
     output = Path(output)

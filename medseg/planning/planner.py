@@ -40,6 +40,7 @@ COARSEN_FACTORS = (1.25, 1.5, 1.75, 2.0)  # medseg: tried in turn when too few s
 OVERLAP = {"cuda": 0.5, "cpu": 0.25}  # window overlap of validation and prediction
 CPU_DATA_FACTOR = 1.1  # medseg, measured: a CPU training step with its data path takes 1.03-1.08x the bare step (below)
 TTA_MAX_SECONDS = 60.0  # medseg: mirroring TTA at prediction while a median case takes at most this long with it
+MIN_STEPS = 1500  # medseg, measured (docs/planning.md, short budgets): fewer steps at a finer grid scored worse on BraTS
 SGD_MIN_STEPS = 25_000  # a tenth of nnU-Net's 250,000 steps: fewer, and AdamW is used
 
 Timer = Callable[[Network, int], "StepTime"]
@@ -54,7 +55,7 @@ class Budget:
     memory_gib: float | None = None
     time_budget_min: float = 20.0
     dims: str = "auto"
-    min_steps: int = 1000
+    min_steps: int = MIN_STEPS
     precision: str = "fp32"  # fp32 | bf16 | fp16: the precision the step time was measured in
 
     @property
