@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medseg.data.augment import INTENSITY, Augmentation, Params, apply, augment_patch, draw, margin_for
+from medseg.data.augment import Augmentation, Params, apply, augment_patch, draw, margin_for
+from medseg.data.intensity import INTENSITY
 from medseg.data.dataset import CaseData, _class_coords
 from medseg.data.labels import get_scheme
 from medseg.data.sampling import choose_centre, crop_patch
