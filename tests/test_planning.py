@@ -250,18 +250,45 @@ def test_anisotropic_axis_is_pooled_and_convolved_late():
     assert net.model_kwargs["strides"][0] == [1, 1, 1]
 
 
-def test_deep_supervision_is_planned_where_a_decoder_level_lies_between_finest_and_coarsest():
-    """nnU-Net's deep supervision: on for 4 levels or more, with as many heads for dynunet as unet has (levels
-    1 .. levels - 3, checked on the built models); off for 3 levels."""
+def test_deep_supervision_heads_fit_the_network_and_the_rule_keeps_them_for_long_schedules():
+    """Room for heads on the decoder levels 1 .. levels - 3 (as many for dynunet as unet has, checked on the built
+    models; none for 3 levels); the plan uses them only from SGD_MIN_STEPS steps on (measured not to help below)."""
     import torch
     from medseg.models import create_model
+    from medseg.planning.planner import SGD_MIN_STEPS, deep_supervision_rule
 
     for shape, spacing, heads in (((64, 80, 64), (2.0, 2.0, 2.0), 2), ((160, 160, 32), (0.8, 0.8, 5.0), 3),
                                   ((16, 16, 16), (1.0, 1.0, 1.0), 0)):
         net = build_network(shape, spacing, 4, 16)
-        assert net.deep_supervision is (heads > 0) and len(net.channels) - 3 == heads
-        model = create_model(net.model_name, 3, 1, 2, deep_supervision=net.deep_supervision, **net.model_kwargs)
+        assert net.supervision_heads == heads == max(0, len(net.channels) - 3)
+        extra = {"deep_supr_num": heads} if net.model_name == "dynunet" else {}
+        model = create_model(net.model_name, 3, 1, 2, deep_supervision=heads > 0, **net.model_kwargs, **extra)
         assert len(model.forward_train(torch.zeros(1, 1, *net.patch)).aux) == heads
+        assert deep_supervision_rule(net, SGD_MIN_STEPS)[0] is (heads > 0)
+        assert deep_supervision_rule(net, SGD_MIN_STEPS - 1)[0] is False
+
+
+def test_a_long_schedule_writes_deep_supervision_with_the_dynunet_heads():
+    """A GPU plan of 10 hours passes SGD_MIN_STEPS: the written file turns deep supervision on and gives dynunet
+    (anisotropic spacing) its heads; the model built from the file has them. A short CPU plan leaves it off."""
+    import torch
+    import yaml
+    from medseg.models import create_model
+    from medseg.planning.writer import plan_yaml
+
+    fp = make_fp([(0.8, 0.8, 2.0)] * 4, [(160, 160, 64)] * 4)
+    long = make_plan(fp, Budget(device="cuda", time_budget_min=600, memory_gib=8), fixed_timer(0.05, 0.01))
+    short = make_plan(fp, Budget(min_steps=0), fixed_timer(0.5, 0.1))
+    assert long.schedule.epochs * long.schedule.iterations >= P.SGD_MIN_STEPS and long.deep_supervision
+    assert not short.deep_supervision and short.notes["deep_supervision"].startswith("off")
+    net = long.design.network
+    written = yaml.safe_load(plan_yaml(long, "long", "m.csv", "f.json"))
+    assert written["loss"]["deep_supervision"] is True and net.model_name == "dynunet"
+    assert written["model"]["kwargs"]["deep_supr_num"] == net.supervision_heads > 0
+    model = create_model("dynunet", 3, 1, 2, deep_supervision=True, **written["model"]["kwargs"])
+    small = tuple(2 * d for d in net.divisor)
+    assert len(model.forward_train(torch.zeros(1, 1, *small)).aux) == net.supervision_heads
+    assert yaml.safe_load(plan_yaml(short, "short", "m.csv", "f.json"))["loss"]["deep_supervision"] is False
 
 
 def test_patch_shrinks_to_fit_memory_and_stays_divisible():
@@ -428,7 +455,7 @@ def test_written_pipeline_loads_and_equals_the_plan(tmp_path):
     assert (loaded.training.epochs, loaded.training.iterations_per_epoch) == (p.schedule.epochs, p.schedule.iterations)
     assert loaded.training.val_interval == p.schedule.val_interval and loaded.optimizer.name == p.optimizer["name"]
     assert loaded.loss.batch_dice is True and loaded.inference.tta == p.tta
-    assert loaded.loss.deep_supervision is (len(net.channels) >= 4)
+    assert loaded.loss.deep_supervision is p.deep_supervision is False  # a short schedule (deep_supervision_rule)
     from medseg.planning.planner import MIN_STEPS
 
     assert p.budget.min_steps == MIN_STEPS and "--min-steps" not in text  # the default, not written in the command

@@ -61,10 +61,11 @@ class Network:
         return "dynunet" if any(k != 3 for level in self.kernels for k in level) else "unet"
 
     @property
-    def deep_supervision(self) -> bool:
-        """nnU-Net's deep supervision, planned where a decoder level lies between the finest and the coarsest
-        (4 levels or more): a head on each of the levels 1 .. levels - 3."""
-        return len(self.channels) >= 4
+    def supervision_heads(self) -> int:
+        """Deep-supervision heads the network has room for: one on each decoder level between the finest and the
+        coarsest (levels 1 .. levels - 3), so none below 4 levels. Whether the plan uses them:
+        :func:`medseg.planning.planner.deep_supervision_rule`."""
+        return max(0, len(self.channels) - 3)
 
     @property
     def model_kwargs(self) -> dict:
@@ -72,11 +73,8 @@ class Network:
         strides = [list(s) for s in self.strides]
         if self.model_name == "unet":
             return {"channels": list(self.channels), "strides": strides, "num_res_units": 0, "norm": "instance"}
-        kwargs = {"filters": list(self.channels), "strides": [[1] * self.spatial_dims, *strides],
-                  "kernel_size": [list(k) for k in self.kernels], "norm": "instance"}
-        if self.deep_supervision:  # DynUNet's heads, as many as unet's (levels 1 .. levels - 3)
-            kwargs["deep_supr_num"] = len(self.channels) - 3
-        return kwargs
+        return {"filters": list(self.channels), "strides": [[1] * self.spatial_dims, *strides],
+                "kernel_size": [list(k) for k in self.kernels], "norm": "instance"}
 
 
 def pooling(patch: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:

@@ -138,6 +138,7 @@ class Plan:
     overlap: float
     notes: Mapping[str, str] = field(default_factory=dict)
     tta: bool = False  # mirroring test-time augmentation in the plan's inference settings (:func:`tta_rule`)
+    deep_supervision: bool = False  # loss on the decoder levels too (:func:`deep_supervision_rule`)
 
 
 # ---------------------------------------------------------------------------------------------- spacing and shape
@@ -356,6 +357,18 @@ def optimizer_for(total_steps: int) -> tuple[dict, str]:
             f"{total_steps} steps (< {SGD_MIN_STEPS}): AdamW lr 2e-3, the setting of docs/results.md's short CPU run")
 
 
+def deep_supervision_rule(net: Network, total_steps: int) -> tuple[bool, str]:
+    """nnU-Net's deep supervision for long schedules (its regime, where the plan also takes nnU-Net's SGD) on a
+    network with room for heads; off below :data:`SGD_MIN_STEPS` steps, where it did not help the 2 mm BraTS CPU
+    plan (docs/planning.md: cross-validated with and without, 2,080 steps)."""
+    if net.supervision_heads == 0:
+        return False, "off: no decoder level between the finest and the coarsest (fewer than 4 levels)"
+    if total_steps < SGD_MIN_STEPS:
+        return False, (f"off: {total_steps} steps (< {SGD_MIN_STEPS}); it did not help the short CPU BraTS plan "
+                       "(docs/planning.md). true: the loss also on the decoder levels 1 .. levels - 3")
+    return True, "nnU-Net: the loss also on the decoder levels 1 .. levels - 3, weights halving"
+
+
 def validation_case_count(fp: Fingerprint) -> int:
     """Cases of fold 0 (the plan's val_fold); without folds the trainer assigns 5; none for a single case."""
     if len(fp.cases) < 2:
@@ -400,12 +413,13 @@ def make_plan(fp: Fingerprint, budget: Budget, timer: Timer) -> Plan:
                         f"there only {fitting} training steps fit {budget.time_budget_min:g} min, under --min-steps "
                         f"{budget.min_steps} (medseg rule, at most x{COARSEN_FACTORS[-1]:g})")
     optimizer, optimizer_note = optimizer_for(steps)
+    supervised, supervision_note = deep_supervision_rule(design.network, steps)
     norm, norm_note = normalization(fp)
     tta, tta_note = tta_rule(design, timing, overlap)
     notes = {"spacing": spacing_note, "layout": layout_note, "normalize": norm_note, "target": target_note,
-             "optimizer": optimizer_note, "tta": tta_note}
+             "optimizer": optimizer_note, "tta": tta_note, "deep_supervision": supervision_note}
     return Plan(len(fp.cases), val_cases, in_ch, out_ch, target, scheme, budget, layout, layout.permute(spacing), factor,
-                design, timing, schedule, norm, optimizer, overlap, notes, tta)
+                design, timing, schedule, norm, optimizer, overlap, notes, tta, supervised)
 
 
 def _coarser(fp: Fingerprint, spacing, layout: Layout, budget: Budget, channels: tuple[int, int],

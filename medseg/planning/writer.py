@@ -87,6 +87,8 @@ def _model_lines(plan: Plan) -> list[str]:
     pool = (f"pool an axis while >= {2 * MIN_FEATURE_MAP} voxels and <= {SPACING_RATIO:g}x the finest spacing "
             f"(nnU-Net); bottleneck {bottleneck}")
     kw = net.model_kwargs
+    if plan.deep_supervision and net.model_name == "dynunet":  # DynUNet's heads, as many as unet's
+        kw["deep_supr_num"] = net.supervision_heads
     lines = [_line(0, "model", section=True), _line(2, "name", net.model_name, kernel_note),
              _line(2, "spatial_dims", net.spatial_dims, plan.notes["layout"]), _line(2, "kwargs", section=True)]
     for key, value in kw.items():
@@ -142,9 +144,7 @@ def plan_yaml(plan: Plan, name: str, manifest: str, fingerprint: str, command: s
     lines += _augmentation_lines()
     lines += [_line(0, "loss", section=True), _line(2, "name", "auto", "Dice + BCE for regions, Dice + CE for classes"),
               _line(2, "batch_dice", True, "nnU-Net (3D full resolution, 2D): Dice over the batch, not per patch"),
-              _line(2, "deep_supervision", plan.design.network.deep_supervision,
-                    "nnU-Net: the loss also on the decoder levels 1 .. levels - 3, weights halving" if plan.design.network.deep_supervision
-                    else "off: no decoder level between the finest and the coarsest (fewer than 4 levels)")]
+              _line(2, "deep_supervision", plan.deep_supervision, plan.notes["deep_supervision"])]
     lines += [_line(0, "optimizer", section=True)] + [
         _line(2, k, v, plan.notes["optimizer"] if k == "name" else "") for k, v in opt.items()]
     lines += [_line(0, "schedule", section=True), _line(2, "name", "poly", "nnU-Net: lr x (1 - epoch / epochs)^0.9"),
