@@ -24,7 +24,8 @@ import time
 from medseg.planning.network import Network, conv_flops
 from medseg.planning.planner import StepTime, Timer
 
-MAX_VOXELS = 64**3  # the largest patch measured as is (per sample)
+MAX_VOXELS = 128 * 160 * 128  # the largest patch measured as is (per sample); FLOPs scaling from 64³ under-estimated
+# a 2 x 128x160x128 bf16 CPU step by 2x (bench/plan_step_time.py), so the full-resolution BraTS patch is measured
 BUSY_CORES = 0.25  # other processes using more CPU than this during the measurement: the plan says it was under load
 
 
