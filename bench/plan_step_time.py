@@ -1,8 +1,9 @@
 """Step time of large planned networks: the planner's FLOPs-scaled estimate against a direct measurement.
 
-``medseg plan`` measures a patch above 64³ voxels at a smaller patch of the same network and scales the time by the
-ratio of convolution FLOPs (medseg.planning.measure.step_timer). This benchmark measures the same networks both
-ways on this machine and prints the ratio measured / estimated; run it on an idle machine.
+``medseg plan`` measures a patch above ``MAX_VOXELS`` at a smaller patch of the same network and scales the time by
+the ratio of convolution FLOPs (medseg.planning.measure.step_timer). This benchmark times each network at a patch of
+at most ``--scale-from`` voxels scaled by FLOPs (64³: the planner's limit until 2026-11-24) and directly, and prints
+the ratio measured / estimated; run it on an idle machine.
 
     python bench/plan_step_time.py                 # the BraTS networks of docs/planning.md
     python bench/plan_step_time.py --patch 128 160 128 --amp off
@@ -28,13 +29,14 @@ def main() -> None:
     ap.add_argument("--amp", default="auto", help="training.amp (auto: bf16 where the CPU runs it)")
     ap.add_argument("--base", type=int, default=16, help="first width (CPU plans: 16)")
     ap.add_argument("--cap", type=int, default=256, help="widest level (CPU plans: 256)")
+    ap.add_argument("--scale-from", type=int, default=64**3, help="voxels of the patch the estimate scales from")
     args = ap.parse_args()
     device = torch.device("cpu")
     precision = resolve_precision(args.amp, device)
-    scaled = step_timer(4, 3, "regions", device, precision)
+    scaled = step_timer(4, 3, "regions", device, precision, max_voxels=args.scale_from)
     direct = step_timer(4, 3, "regions", device, precision, max_voxels=10**12)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {precision.name}, batch {args.batch}")
-    print("| patch | levels | widths | estimated s/step (scaled from 64³) | measured s/step | measured / estimated |")
+    print(f"| patch | levels | widths | estimated s/step (scaled from {args.scale_from} voxels) | measured s/step | measured / estimated |")
     print("|---|---|---|---|---|---|")
     for patch in [tuple(p) for p in args.patch] if args.patch else PATCHES:
         net = build_network(patch, (1.0,) * len(patch), args.base, args.cap)

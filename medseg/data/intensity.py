@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+
 def _noise(x: torch.Tensor, value: tuple[float, int]) -> torch.Tensor:
     variance, seed = value
     generator = torch.Generator().manual_seed(seed)
