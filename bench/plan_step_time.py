@@ -3,7 +3,9 @@
 ``medseg plan`` measures a patch above ``MAX_VOXELS`` at a smaller patch of the same network and scales the time by
 the ratio of convolution FLOPs (medseg.planning.measure.step_timer). This benchmark times each network at a patch of
 at most ``--scale-from`` voxels scaled by FLOPs (64³: the planner's limit until 2026-11-24) and directly, and prints
-the ratio measured / estimated; run it on an idle machine.
+the ratio measured / estimated; run it on an idle machine. Both are timed as the planner times them, under the
+allocator setting of ``medseg train`` (medseg.runtime.tune_allocator; a first version of this benchmark ran without
+it and measured large steps 2x slower than training runs them, docs/performance.md).
 
     python bench/plan_step_time.py                 # the BraTS networks of docs/planning.md
     python bench/plan_step_time.py --patch 128 160 128 --amp off

@@ -570,6 +570,25 @@ def test_a_step_measured_under_load_says_so(monkeypatch):
     assert "WARNING" not in timer(net, 2).note
 
 
+def test_step_timer_measures_under_the_allocator_setting_of_training(monkeypatch):
+    """The plan's step time is training's: the timer tunes the allocator as ``medseg train`` does (without it a
+    large CPU step measured 2x slow, docs/performance.md), also when ``medseg.plan`` is called from Python."""
+    import torch
+
+    import medseg.runtime
+    from medseg.planning import measure
+    from medseg.planning.network import build_network
+    from medseg.runtime import resolve_precision
+
+    calls = []
+    monkeypatch.setattr(medseg.runtime, "tune_allocator", lambda: calls.append("tuned") or True)
+    timer = measure.step_timer(1, 2, "labels", torch.device("cpu"), resolve_precision("off", torch.device("cpu")),
+                               warmup=0, steps=1)
+    assert calls == []  # nothing before a measurement
+    timer(build_network((16, 16, 16), (1.0, 1.0, 1.0), 4, 16), 2)
+    assert calls == ["tuned"]
+
+
 @pytest.mark.parametrize("name", ["polyp_endotect", "isbi2012_em"])
 def test_real_2d_image_sets_plan_2d_with_rgb_scaling(shared_data, tmp_path, name):
     """Photographs and 8-bit microscopy: a 2D network, values divided by 255 (no per-image z-score), whole images."""

@@ -3,8 +3,11 @@
 :func:`step_timer` returns the ``timer(network, batch)`` that :func:`medseg.planning.planner.make_plan` calls.
 It builds the network with random weights, runs ``warmup`` and then ``steps`` timed training steps (forward, loss,
 backward, optimiser) on random data under the run's mixed precision, and two inference forwards of ``sw_batch``
-windows; the fastest step and the second forward count (the least disturbed by other work on a shared machine). To keep planning short, a patch larger than ``max_voxels`` is measured at a smaller patch of
-the same network (each axis scaled alike, kept a multiple of the divisor) and the times are scaled by the ratio of
+windows; the fastest step and the second forward count (the least disturbed by other work on a shared machine). It
+measures under the allocator setting ``medseg train`` runs with (:func:`medseg.runtime.tune_allocator`: without it a
+2 x 128x160x128 bf16 CPU step takes 2x as long, its activations unmapped and faulted in again every step), so the
+Python API plans what the command line trains. To keep planning short, a patch larger than ``max_voxels`` is measured
+at a smaller patch of the same network (each axis scaled alike, kept a multiple of the divisor) and the times are scaled by the ratio of
 convolution FLOPs (:func:`medseg.planning.network.conv_flops`); the note says which.
 
 Example:
@@ -24,8 +27,8 @@ import time
 from medseg.planning.network import Network, conv_flops
 from medseg.planning.planner import StepTime, Timer
 
-MAX_VOXELS = 128 * 160 * 128  # the largest patch measured as is (per sample); FLOPs scaling from 64³ under-estimated
-# a 2 x 128x160x128 bf16 CPU step by 2x (bench/plan_step_time.py), so the full-resolution BraTS patch is measured
+MAX_VOXELS = 128 * 160 * 128  # the largest patch measured as is (per sample): the full-resolution BraTS patch, ~20 s
+# of planning; FLOPs scaling from 64³ comes within 7% of it (bench/plan_step_time.py), larger patches are scaled
 BUSY_CORES = 0.25  # other processes using more CPU than this during the measurement: the plan says it was under load
 
 
@@ -48,6 +51,9 @@ def step_timer(in_channels: int, out_channels: int, target: str, device, precisi
     (:class:`medseg.runtime.Precision`)."""
 
     def timer(net: Network, batch: int) -> StepTime:
+        from medseg.runtime import tune_allocator
+
+        tune_allocator()  # as medseg train does: the step time is training's
         patch = measurement_patch(net, max_voxels)
         small = Network(patch, net.strides, net.kernels, net.channels)
         before = cpu_snapshot()
