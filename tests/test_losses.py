@@ -264,3 +264,63 @@ def test_bf16_logits_give_a_float32_loss(name, target):
     loss = create_loss(name, target)(half, y)
     assert loss.dtype == torch.float32
     assert float(loss) == pytest.approx(float(_reference(name, target)(half.float(), y)), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- batch Dice under DDP
+def _ddp_rank(rank: int, world: int, init: str, out: dict) -> None:
+    """One DDP rank: its share of each batch through a tiny DDP model and the batch-Dice loss, for both targets,
+    with the loss across ranks (``gather``) and on the rank's own patches only (the behaviour before AcrossRanks)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        for target_kind in TARGETS:
+            for gather in (True, False):
+                x, y, model = _ddp_case(target_kind)
+                ddp = torch.nn.parallel.DistributedDataParallel(model)
+                loss_fn = create_loss("auto", target_kind, batch_dice=True)
+                loss_fn = loss_fn if gather else loss_fn.loss
+                share = slice(rank * 2, rank * 2 + 2)
+                loss = loss_fn(ddp(x[share]), y[share])
+                loss.backward()
+                out[(rank, target_kind, gather)] = (float(loss.detach()), [p.grad.clone() for p in model.parameters()])
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_case(target_kind: str):
+    """A batch of 4 where the first two patches have no foreground in channel 1 (so per-rank and global batch Dice
+    differ), and a 1x1x1 convolution with fixed weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 6, 6, 6, generator=g)
+    if target_kind == "regions":
+        y = (torch.rand(4, 2, 6, 6, 6, generator=g) > 0.6).float()
+        y[:2, 1] = 0.0
+    else:
+        y = torch.randint(0, 3, (4, 1, 6, 6, 6), generator=g)
+        y[:2][y[:2] == 2] = 0
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(2, 2 if target_kind == "regions" else 3, 1)
+    return x, y, model
+
+
+def test_batch_dice_under_ddp_is_the_dice_of_the_global_batch(tmp_path):
+    """Two gloo ranks with two patches each train as one process with all four: the same loss on every rank and the
+    same (DDP-averaged) gradients, as nnU-Net's batch Dice under DDP. Each rank on its own patches would not."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_rank, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2)
+    for target_kind in TARGETS:
+        x, y, model = _ddp_case(target_kind)
+        reference = create_loss("auto", target_kind, batch_dice=True)(model(x), y)
+        reference.backward()
+        ref_grads, reference = [p.grad for p in model.parameters()], float(reference.detach())
+        for rank in (0, 1):
+            loss, grads = out[(rank, target_kind, True)]
+            assert loss == pytest.approx(reference, rel=1e-5)
+            for g, ref in zip(grads, ref_grads):
+                torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+        local_loss, local_grads = out[(0, target_kind, False)]
+        assert local_loss != pytest.approx(reference, rel=1e-3)  # per-rank batch Dice is another loss
+        assert not all(torch.allclose(g, ref, rtol=1e-3, atol=1e-6) for g, ref in zip(local_grads, ref_grads))

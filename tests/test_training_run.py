@@ -167,7 +167,9 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
 
 
 def test_torchrun_two_cpu_ranks_end_identical(tmp_path):
-    pipeline = _pipeline(tmp_path, training__epochs=1, training__iterations_per_epoch=4)
+    """Two gloo ranks through the real trainer, with the batch Dice gathered across them (medseg.losses.AcrossRanks;
+    its gradients are checked in test_losses.py): both end with the same weights."""
+    pipeline = _pipeline(tmp_path, training__epochs=1, training__iterations_per_epoch=4, loss__batch_dice=True)
     out = tmp_path / "weights"
     script = ROOT / "tests" / "ddp_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
