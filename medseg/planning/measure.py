@@ -6,9 +6,10 @@ backward, optimiser) on random data under the run's mixed precision, and two inf
 windows; the fastest step and the second forward count (the least disturbed by other work on a shared machine). It
 measures under the allocator setting ``medseg train`` runs with (:func:`medseg.runtime.tune_allocator`: without it a
 2 x 128x160x128 bf16 CPU step takes 2x as long, its activations unmapped and faulted in again every step), so the
-Python API plans what the command line trains. To keep planning short, a patch larger than ``max_voxels`` is measured
-at a smaller patch of the same network (each axis scaled alike, kept a multiple of the divisor) and the times are scaled by the ratio of
-convolution FLOPs (:func:`medseg.planning.network.conv_flops`); the note says which.
+Python API plans what the command line trains. To keep planning short, a patch larger than ``max_voxels`` is
+measured at a smaller patch of the same network (each axis scaled alike, kept a multiple of the divisor) and the
+times are scaled by the ratio of convolution FLOPs (:func:`medseg.planning.network.conv_flops`); the note says
+which.
 
 Example:
     >>> import torch
