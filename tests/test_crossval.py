@@ -86,14 +86,14 @@ def test_an_ensemble_of_two_identical_models_equals_one_model(cv_run):
 
 
 def test_resume_skips_finished_folds_and_summarises_again(cv_run):
-    """``--folds all --resume`` on a finished CV trains nothing (no case loaded, history untouched), says so per
+    """``--folds all --resume`` on a finished CV trains nothing (no run built, history untouched), says so per
     fold, and writes the CV summary again."""
     histories = {d.name: (d / "history.jsonl").read_text() for d in cv_run.glob("fold_*")}
     checkpoints = {d.name: (d / "checkpoints" / "last.pt").stat().st_mtime_ns for d in cv_run.glob("fold_*")}
     done = _medseg("train", str(cv_run / "fold_0" / "pipeline.yaml"), "--folds", "all", "--output", str(cv_run),
                    "--resume", "--no-progress", "--set", "data.val_fold=0")
     assert done.returncode == 0, done.stderr
-    assert all(f"fold {k}: finished its 1 epochs, nothing to resume" in done.stdout for k in range(len(histories)))
+    assert all(f"{cv_run / f'fold_{k}'}: the run has finished its 1 epochs" in done.stdout for k in range(len(histories)))
     assert {d.name: (d / "history.jsonl").read_text() for d in cv_run.glob("fold_*")} == histories
     assert {d.name: (d / "checkpoints" / "last.pt").stat().st_mtime_ns for d in cv_run.glob("fold_*")} == checkpoints
     assert "cross-validation" in done.stdout  # the summary ran again over the finished folds

@@ -36,10 +36,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from medseg.planning import plan
-    from medseg.runtime import tune_allocator
-
-    tune_allocator()  # as training does, so the measured step time is training's
+    from medseg.planning import plan  # its step timer tunes the allocator as training does
     command = f"medseg plan {args.manifest} -o {args.output} --device {args.device} --time-budget {args.time_budget:g}"
     for flag, value in (("--memory", args.memory), ("--dims", None if args.dims == "auto" else args.dims),
                         ("--modality", args.modality), ("--min-steps", args.min_steps)):

@@ -78,28 +78,11 @@ def train_folds(p: Pipeline, run_dir: str | Path, folds: str = "all", resume: bo
     for k in parse_folds(folds, available):
         print(f"fold {k} ({sum(c.fold == k for c in manifest.cases)} validation cases) -> {run_dir / f'fold_{k}'}", flush=True)
         fold_dir = run_dir / f"fold_{k}"
-        if resume and _finished(fold_dir, p.training.epochs):
-            print(f"fold {k}: finished its {p.training.epochs} epochs, nothing to resume", flush=True)
-            results[k] = {"run_dir": str(fold_dir), "epochs": p.training.epochs, "skipped": True}
-            continue
         results[k] = train(fold_pipeline(p, k), run_dir=fold_dir, resume=resume and (fold_dir / "checkpoints" / "last.pt").exists(),
                            progress=progress, nan_policy=nan_policy)
     done = [k for k in available if (run_dir / f"fold_{k}" / "checkpoints" / "last.pt").exists()]
     summary = summarize_cv(run_dir, manifest, available, progress) if done == available else None
     return {"run_dir": str(run_dir), "folds": results, "summary": summary}
-
-
-def _finished(fold_dir: Path, epochs: int) -> bool:
-    """Whether the fold's last checkpoint has done all of its epochs and the pipeline asks for no more: a
-    ``--resume`` then skips the fold instead of loading its cases to train nothing (a changed ``training.epochs``
-    still resumes it, to extend or to say why it cannot shorten)."""
-    from medseg.checkpoint import load_checkpoint
-
-    last = fold_dir / "checkpoints" / "last.pt"
-    if not last.exists():
-        return False
-    ckpt = load_checkpoint(last, map_location="cpu")
-    return ckpt.get("epoch") == ckpt.get("epochs") == epochs
 
 
 def out_of_fold_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int], progress: bool) -> Path:

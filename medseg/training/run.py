@@ -99,16 +99,15 @@ class Run:
         return self.precision.device
 
     @classmethod
-    def build(cls, p: Pipeline, options: RunOptions) -> "Run":
+    def build(cls, p: Pipeline, options: RunOptions, resume: "ResumePoint | None" = None) -> "Run":
+        """``resume``: the run's :func:`resume_point`, when the caller has read it already."""
         info = init_distributed("cuda" if p.training.device != "cpu" and torch.cuda.is_available() else "cpu")
         device = resolve_device(p.training.device, info.local_rank)
         precision = resolve_precision(p.training.amp, device)
         if p.training.threads:
             torch.set_num_threads(p.training.threads)
         run_dir = run_folder(p, options)
-        _check_run_dir(run_dir, options.resume)
-        previous = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location="cpu") if options.resume else None
-        changes = resume_changes(previous.get("pipeline"), p, run_dir) if previous is not None else {}
+        previous, changes = resume if resume is not None else resume_point(p, options)
         if p.data.synthetic is not None and not (run_dir / "data" / "manifest.csv").exists():
             setup.probe_model(p)  # a pipeline error before any data is generated
         manifest_path = setup.resolve_manifest(p, run_dir, info.is_main, options.progress)
@@ -160,14 +159,7 @@ class Run:
         torch.set_rng_state(ckpt["rng"]["torch"].cpu() if hasattr(ckpt["rng"]["torch"], "cpu") else ckpt["rng"]["torch"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
-        self.epochs = ckpt["epochs"]
-        extend, source = self.options.extend_epochs, "--extend-epochs"
-        if extend is None and "training.epochs" in (changes or {}):
-            extend, source = self.p.training.epochs, "training.epochs"
-        if extend is not None:
-            if extend < self.state.epoch:
-                raise MedsegError(f"{source} {extend}: the run has already done {self.state.epoch} epochs")
-            self.epochs = extend
+        self.epochs = target_epochs(ckpt, changes or {}, self.p, self.options)
 
     def record(self, event: str, changes: dict) -> None:
         """Append one line to ``RUN/history.jsonl``: a start or resume, the epoch, the epochs planned, what changed."""
@@ -215,6 +207,33 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- resume
+ResumePoint = tuple  # (checkpoints/last.pt as loaded or None, the changes of resume_changes)
+
+
+def resume_point(p: Pipeline, options: RunOptions) -> ResumePoint:
+    """What a run starts from: ``(None, {})`` for a new run; for ``--resume`` its ``checkpoints/last.pt`` and the
+    pipeline changes it accepts (:func:`resume_changes` raises on the others). The run folder is checked first."""
+    run_dir = run_folder(p, options)
+    _check_run_dir(run_dir, options.resume)
+    if not options.resume:
+        return None, {}
+    previous = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location="cpu")
+    return previous, resume_changes(previous.get("pipeline"), p, run_dir)
+
+
+def target_epochs(ckpt: dict, changes: dict, p: Pipeline, options: RunOptions) -> int:
+    """The epochs a resumed run trains to: its own, unless ``--extend-epochs N`` or a changed ``training.epochs``
+    asks for more (fewer than it has done is an error)."""
+    extend, source = options.extend_epochs, "--extend-epochs"
+    if extend is None and "training.epochs" in changes:
+        extend, source = p.training.epochs, "training.epochs"
+    if extend is None:
+        return ckpt["epochs"]
+    if extend < ckpt["epoch"]:
+        raise MedsegError(f"{source} {extend}: the run has already done {ckpt['epoch']} epochs")
+    return extend
+
+
 SAFE_ON_RESUME = ("name", "output_dir", "training.epochs", "training.val_interval", "training.amp", "training.device",
                   "training.threads", "data.workers", "data.cache", "data.cache_dir", "inference.", "postprocessing.")
 

@@ -31,7 +31,7 @@ from medseg.training.config import Pipeline
 from medseg.training.distributed import barrier, shutdown
 from medseg.training.logs import RunLog
 from medseg.training.optim import set_lr
-from medseg.training.run import Run, RunOptions, RunState, run_folder, run_lock
+from medseg.training.run import Run, RunOptions, RunState, resume_point, run_folder, run_lock, target_epochs
 from medseg.training.validation import validate
 
 __all__ = ["train", "Run", "RunOptions", "train_epoch", "choose"]
@@ -153,8 +153,6 @@ def run_training(run: Run) -> dict:
     """Train ``run`` from its current epoch to ``run.epochs``; returns the run folder and the metric history."""
     fresh = not run.options.resume or not (run.run_dir / "pipeline.yaml").exists()
     log = RunLog(run.run_dir, run.info.is_main, run.options.progress, run.state.epoch, run.p, write_pipeline=fresh)
-    if run.state.epoch >= run.epochs and run.info.is_main:
-        print(f"{run.run_dir}: the run has finished its {run.epochs} epochs; to train longer pass --extend-epochs N (N > {run.epochs})")
     try:
         for epoch in range(run.state.epoch, run.epochs):
             _epoch(run, epoch, log)
@@ -185,5 +183,18 @@ def train(pipeline: Pipeline, run_dir: str | Path | None = None, resume: bool = 
     options = RunOptions(Path(run_dir) if run_dir else None, resume, extend_epochs, progress, nan_policy)
     folder = check_output_dir(run_folder(pipeline, options), "--output")
     with run_lock(folder, enabled=int(os.environ.get("RANK", "0")) == 0):
-        run = Run.build(pipeline, options)
-        return run_training(run)
+        resume = resume_point(pipeline, options)
+        previous, changes = resume
+        if previous is not None and previous["epoch"] >= target_epochs(previous, changes, pipeline, options):
+            return _finished(folder, previous)  # nothing to train: no case loaded, nothing recorded
+        return run_training(Run.build(pipeline, options, resume))
+
+
+def _finished(run_dir: Path, ckpt: dict) -> dict:
+    """The result of a resumed run that has done all its epochs, from its last checkpoint."""
+    s = RunState.from_checkpoint(ckpt)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{run_dir}: the run has finished its {s.epoch} epochs; to train longer pass --extend-epochs N (N > {s.epoch})",
+              flush=True)
+    return {"run_dir": str(run_dir), "epochs": s.epoch, "best_metric": s.best_metric, "best_epoch": s.best_epoch,
+            "history": s.history}
