@@ -169,14 +169,15 @@ def train(pipeline: Pipeline, run_dir: str | Path | None = None, resume: bool = 
           progress: bool = True, nan_policy: str = "error") -> dict:
     """Train (or resume) the experiment of ``pipeline``; returns the run directory and the metric history.
 
-    The run folder is checked (a writable folder) and locked (``RUN/train.lock``) before anything is computed;
+    The run folder is checked (a writable folder) and locked (``RUN/train.lock``) before anything is computed; on
+    resume the temporary files a killed run left there (a checkpoint it was writing) are removed;
     ``nan_policy="zero"`` sets NaN/infinite image voxels to 0 with a warning instead of stopping.
 
     Example:
         >>> from medseg.training.config import load_pipeline
         >>> result = train(load_pipeline("pipelines/demo.yaml"), run_dir="runs/demo")  # doctest: +SKIP
     """
-    from medseg.atomic import check_output_dir
+    from medseg.atomic import check_output_dir, sweep_stale
     from medseg.data.checks import check_nan_policy
 
     check_nan_policy(nan_policy)
@@ -185,6 +186,9 @@ def train(pipeline: Pipeline, run_dir: str | Path | None = None, resume: bool = 
     with run_lock(folder, enabled=int(os.environ.get("RANK", "0")) == 0):
         resume = resume_point(pipeline, options)
         previous, changes = resume
+        if previous is not None and int(os.environ.get("RANK", "0")) == 0:
+            for d in (folder, folder / "checkpoints"):  # what a killed run was writing when it died
+                sweep_stale(d)
         if previous is not None and previous["epoch"] >= target_epochs(previous, changes, pipeline, options):
             return _finished(folder, previous)  # nothing to train: no case loaded, nothing recorded
         return run_training(Run.build(pipeline, options, resume))
