@@ -57,6 +57,11 @@ def register(sub) -> None:
     g.add_argument("--stitch", choices=STITCH_MODES, default=None, help="where window outputs are accumulated")
     g.add_argument("--no-skip-empty", dest="skip_empty", action="store_false", default=None,
                    help="evaluate windows without foreground too (slower; same labels inside the foreground)")
+    k = p.add_argument_group("cascade (default: the localiser the refiner's pipeline names; docs/training.md)")
+    k.add_argument("--localiser", default=None, metavar="RUN",
+                   help="first-stage model: keep the prediction near its foreground (a CV folder: fold K for fold K's model)")
+    k.add_argument("--localiser-margin", dest="localiser_margin_mm", type=float, default=None, metavar="MM",
+                   help="distance from the localiser's foreground within which the prediction is kept (default 6)")
     q = p.add_argument_group("postprocessing (default: the checkpoint's, else off)")
     q.add_argument("--threshold", type=float, default=None, help="region probability threshold (default 0.5)")
     q.add_argument("--min-component-size", type=int, default=None, metavar="VOXELS",
@@ -121,7 +126,8 @@ def run(args) -> int:
             device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     options = {"roi_size": args.roi, "overlap": args.overlap, "blend": args.blend, "sw_batch_size": args.sw_batch_size,
                "tta": args.tta, "amp": args.amp, "device": device, "stitch": args.stitch, "skip_empty": args.skip_empty,
-               "threshold": args.threshold, "min_component_size": args.min_component_size, "et_min_voxels": args.et_min_voxels}
+               "threshold": args.threshold, "min_component_size": args.min_component_size, "et_min_voxels": args.et_min_voxels,
+               "localiser": args.localiser, "localiser_margin_mm": args.localiser_margin_mm}
     instances = None
     if args.instances is not None:
         from medseg.inference.instances import InstanceSettings

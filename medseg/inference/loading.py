@@ -38,6 +38,7 @@ class LoadedModel:
     preprocessing: object  # medseg.data.preprocess.Preprocessing
     inference: dict
     path: Path
+    fold: int | None = None  # the fold the model validated on (data.val_fold of its pipeline), None when unknown
 
     @property
     def spatial_dims(self) -> int:
@@ -98,8 +99,10 @@ def load_model(run_or_file: str | Path, device: str | torch.device = "cpu") -> L
     except RuntimeError as err:
         raise MedsegError(f"{path}: the weights do not fit model {ckpt['model'].get('name')} ({str(err).splitlines()[0][:150]})") from None
     model = model.to(resolve_device(str(device)) if not isinstance(device, torch.device) else device).eval()
+    fold = ((ckpt.get("pipeline") or {}).get("data") or {}).get("val_fold")
     return LoadedModel(model, dict(ckpt["model"]), tuple(ckpt["channels"]), get_scheme(ckpt["label_scheme"]), str(ckpt["target"]),
-                       Preprocessing.from_dict(ckpt.get("preprocessing")), dict(ckpt.get("inference") or {}), path)
+                       Preprocessing.from_dict(ckpt.get("preprocessing")), dict(ckpt.get("inference") or {}), path,
+                       None if fold is None else int(fold))
 
 
 def settings_for(loaded: LoadedModel, overrides: dict | None = None) -> tuple[InferenceSettings, PostprocessSettings]:

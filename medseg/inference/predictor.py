@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,7 @@ from medseg.data.manifest import check_case_id
 from medseg.data.preprocess import Prepared, Preprocessing
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError, ValidationError
+from medseg.inference.cascade import CascadeSettings, localiser_for_fold, region_of, restrict
 from medseg.inference.engine import (InferenceSettings, autocast_dtype, channels_last_format, resolve_device,
                                      sliding_window)
 from medseg.inference.inputs import CaseInput, resolve_inputs
@@ -97,23 +99,26 @@ class Segmenter:
             raise MedsegError("an ensemble of instance models is not supported: predict with one fold's run folder")
         return model_objects(self.models[0], image, self.out_channels, mask_threshold, score_threshold)
 
-    def prepared_probabilities(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
-        """``(K, *prepared spatial)`` float32 probabilities for a prepared image ``(C, *spatial)``."""
+    def prepared_probabilities(self, image: np.ndarray | torch.Tensor, mask: np.ndarray | None = None) -> np.ndarray:
+        """``(K, *prepared spatial)`` float32 probabilities for a prepared image ``(C, *spatial)``. With ``mask``,
+        only the windows (of the whole image's tiling, so they see the image around the mask, not zero padding)
+        that touch it are evaluated, background elsewhere."""
         if self.instance_model:
             return self.prepared_objects(image)[0]
         total = None
         image = torch.as_tensor(image)
         fill = background_logits(self.target, self.out_channels)
+        settings = self.settings if mask is None else dataclasses.replace(self.settings, crop_foreground=False, skip_empty=True)
         for model in self.models:
-            logits = sliding_window(model, image, self.settings, fill=fill)
+            logits = sliding_window(model, image, settings, mask=mask, fill=fill)
             probs = torch.sigmoid(logits) if self.target == "regions" else torch.softmax(logits, dim=0)
             del logits
             total = probs if total is None else total.add_(probs)
         return (total / len(self.models)).float().cpu().numpy()
 
-    def probabilities(self, image: np.ndarray | torch.Tensor, prepared: Prepared) -> np.ndarray:
+    def probabilities(self, image: np.ndarray | torch.Tensor, prepared: Prepared, mask: np.ndarray | None = None) -> np.ndarray:
         """``(K, *original spatial)`` probabilities on the original grid described by ``prepared``."""
-        probs = self.prepared_probabilities(image)
+        probs = self.prepared_probabilities(image, mask)
         background = [0.0] * probs.shape[0] if self.target == "regions" else [1.0] + [0.0] * (probs.shape[0] - 1)
         return self.preprocessing.invert(probs, prepared, order="linear", fill=background)
 
@@ -154,8 +159,31 @@ class Predictor:
         :mod:`medseg.training.crossval`); ``overrides`` (non-None) take precedence over both."""
         members = [load_model(path) for path in find_members(run_or_file)]
         chosen = chosen_postprocessing(run_or_file) if len(members) > 1 else {}
+        localiser = overrides.pop("localiser", None) or members[0].inference.get("localiser")
+        margin = overrides.pop("localiser_margin_mm", None)
         infer, post = settings_for(members[0], {**chosen, **{k: v for k, v in overrides.items() if v is not None}})
-        return cls(members, infer, post, probabilities)
+        predictor = cls(members, infer, post, probabilities)
+        if localiser:
+            fold = members[0].fold if len(members) == 1 else None
+            margin = members[0].inference.get("localiser_margin_mm", CascadeSettings.margin_mm) if margin is None else margin
+            predictor.localise_with(cls.from_checkpoint(localiser_for_fold(localiser, fold), device=infer.device,
+                                                        amp=infer.amp), margin)
+        return predictor
+
+    localiser: "Predictor | None" = None  # a cascade's first stage (localise_with)
+    localiser_margin_mm: float = 0.0
+
+    def localise_with(self, localiser: "Predictor", margin_mm: float) -> None:
+        """Keep this model's output within ``margin_mm`` of ``localiser``'s foreground (:mod:`medseg.inference.cascade`)."""
+        if localiser.loaded.channels != self.loaded.channels:
+            raise MedsegError(f"localiser {localiser.loaded.path} reads channels {list(localiser.loaded.channels)}, the model "
+                              f"{list(self.loaded.channels)}; a cascade's two stages read the same scan")
+        if self.segmenter.instance_model:
+            raise MedsegError(f"{self.loaded.path} is an instance model; a cascade refines a semantic model's probabilities")
+        if localiser.loaded.spatial_dims != self.loaded.spatial_dims:
+            raise MedsegError(f"localiser {localiser.loaded.path} is {localiser.loaded.spatial_dims}D, the model "
+                              f"{self.loaded.spatial_dims}D; a cascade's two stages must match")
+        self.localiser, self.localiser_margin_mm = localiser, float(CascadeSettings(margin_mm=margin_mm).margin_mm)
 
     nan_policy = "error"  # NaN/infinite input voxels: "error", or "zero" (set to 0 with a warning); predict(nan_policy=...)
 
@@ -170,10 +198,20 @@ class Predictor:
         where = [f"channel {name} {_source(vol)}" for name, vol in zip(channels, images)]
         images = check_images(images, channels, where, nan_policy=self.nan_policy)
         first = images[0]
-        prep = self.loaded.preprocessing.apply(list(images))
+        region = None
+        if self.localiser is not None:  # a cascade: the refiner's output only where the first stage found the object
+            found = self.localiser.predict_volumes(images).labels
+            region = region_of(found.array, first.spacing, self.localiser_margin_mm)
+        prep = self.loaded.preprocessing.apply(list(images), masks=None if region is None else region[None])
         if self.segmenter.instance_model and (self.instances is None or self.instances.method in ("auto", "model")):
             return self._predict_objects(images, prep)
-        full = self.segmenter.probabilities(prep.image, prep)
+        if region is None:
+            full = self.segmenter.probabilities(prep.image, prep)
+        elif region.any():  # windows only over the region (on the refiner's grid), exact restriction on the scan's
+            full = restrict(self.segmenter.probabilities(prep.image, prep, mask=prep.masks[0] > 0), region, self.loaded.target)
+        else:  # the localiser found nothing: nothing to refine
+            k = self.segmenter.out_channels
+            full = restrict(np.zeros((k, *region.shape), np.float32), region, self.loaded.target)
         if self.crf is not None:  # dense CRF on the scan's own grid, before threshold / argmax
             from medseg.inference.postprocess import crf_refine
 
@@ -311,7 +349,9 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         crf: refine the probabilities with a dense CRF on the scan (:func:`medseg.inference.postprocess.crf_refine`)
             before the labels are taken: True for the defaults, or a dict of its options; needs pydensecrf2.
             The probabilities written (``probabilities=True``) are then the refined ones.
-        options: :class:`InferenceSettings` and :class:`PostprocessSettings` fields overriding the checkpoint's.
+        options: :class:`InferenceSettings` and :class:`PostprocessSettings` fields overriding the checkpoint's, and
+            ``localiser`` (a run folder) / ``localiser_margin_mm`` overriding a cascade's first stage
+            (:mod:`medseg.inference.cascade`; a single fold's model is localised by the same fold of a CV localiser).
 
     Returns:
         The files written (label maps first per case).

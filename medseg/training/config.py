@@ -17,6 +17,7 @@ import yaml
 
 from medseg.data.augment import Augmentation
 from medseg.data.preprocess import Preprocessing
+from medseg.inference.cascade import CascadeSettings
 from medseg.inference.engine import InferenceSettings
 from medseg.inference.postprocess import PostprocessSettings
 from medseg.errors import MedsegError, check_choice, suggest
@@ -117,6 +118,7 @@ class Pipeline:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     inference: InferenceSettings = field(default_factory=InferenceSettings)  # roi_size null: the patch size
     postprocessing: PostprocessSettings = field(default_factory=PostprocessSettings)  # applied by validation and predict
+    cascade: CascadeSettings = field(default_factory=CascadeSettings)  # predict within a first-stage model's foreground
     base_dir: str = field(default=".", metadata={"internal": True})  # folder of the pipeline file
 
     def to_dict(self, resolve_paths: bool = False) -> dict:
@@ -129,6 +131,8 @@ class Pipeline:
                     d["data"][key] = str(self.resolve(d["data"][key]))
             if d["model"]["module"] is not None:
                 d["model"]["module"] = self.model_module
+            if d["cascade"]["localiser"] is not None:
+                d["cascade"]["localiser"] = str(self.resolve(d["cascade"]["localiser"]))
         return _plain(d)
 
     @property

@@ -178,9 +178,13 @@ class Run:
     def inference_dict(self) -> dict:
         """The prediction defaults stored with the model: every field of the pipeline's ``inference`` section (so
         ``medseg predict`` windows, blends and crops as validation did) and its postprocessing, less where and in
-        which precision to run (:data:`MACHINE_SETTINGS`: the predicting machine's choice, ``--device``/``--amp``)."""
+        which precision to run (:data:`MACHINE_SETTINGS`: the predicting machine's choice, ``--device``/``--amp``);
+        with a ``cascade`` section, the localiser's absolute path and margin (:mod:`medseg.inference.cascade`)."""
         settings = {k: v for k, v in dataclasses.asdict(self.p.inference).items() if k not in MACHINE_SETTINGS}
-        return {**settings, "roi_size": list(self.p.roi_size), **dataclasses.asdict(self.p.postprocessing)}
+        cascade = self.p.cascade
+        localiser = {"localiser": str(self.p.resolve(cascade.localiser)), "localiser_margin_mm": float(cascade.margin_mm)} \
+            if cascade.localiser else {}
+        return {**settings, "roi_size": list(self.p.roi_size), **dataclasses.asdict(self.p.postprocessing), **localiser}
 
     def checkpoint(self) -> dict:
         return {
@@ -235,7 +239,8 @@ def target_epochs(ckpt: dict, changes: dict, p: Pipeline, options: RunOptions) -
 
 
 SAFE_ON_RESUME = ("name", "output_dir", "training.epochs", "training.val_interval", "training.amp", "training.device",
-                  "training.threads", "data.workers", "data.cache", "data.cache_dir", "inference.", "postprocessing.")
+                  "training.threads", "data.workers", "data.cache", "data.cache_dir", "inference.", "postprocessing.",
+                  "cascade.")
 
 
 def _safe(key: str) -> bool:

@@ -1,0 +1,92 @@
+"""A two-stage cascade: a full-resolution model that predicts only where a coarse model found the object.
+
+nnU-Net's answer to volumes whose full-resolution patch sees too little of the image is a cascade: a low-resolution
+model segments the whole image, a full-resolution model refines it. Here the second stage (the *refiner*) is an
+ordinary pipeline at the fine spacing, trained on patches centred on the object (``sampling.foreground_fraction:
+1.0``), and its pipeline names the first stage (the *localiser*, any run folder ``medseg predict`` accepts)::
+
+    cascade:
+      localiser: ../runs/brats_planned   # relative to the pipeline file; a CV folder localises fold K with its fold K
+      margin_mm: 6.0                     # the refiner's output is kept within this distance of the localiser's
+
+``medseg predict --model REFINER`` runs the localiser on the scan (with its own settings and postprocessing), takes
+its foreground dilated by ``margin_mm`` (millimetres, on the scan's grid), runs the refiner and sets its
+probabilities to background outside that region, then thresholds and postprocesses as usual. The refiner never
+sees a patch without object nearby in training, so outside the localiser's region its output is not trusted.
+Everything happens on the scan's own grid, so the geometry of the output is the scan's.
+
+Example:
+    >>> import numpy as np
+    >>> labels = np.zeros((9, 9, 9), np.uint8); labels[4, 4, 4] = 2
+    >>> int(region_of(labels, (1.0, 1.0, 1.0), 1.0).sum())  # the voxel and its 6 face neighbours
+    7
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from medseg.errors import MedsegError
+
+
+@dataclass(frozen=True)
+class CascadeSettings:
+    """The ``cascade`` section of a pipeline: the localiser run and the margin around its foreground (mm)."""
+
+    localiser: Optional[str] = None
+    margin_mm: float = 6.0
+
+    def __post_init__(self) -> None:
+        if float(self.margin_mm) < 0:
+            raise MedsegError(f"margin_mm: {self.margin_mm} must be >= 0 (millimetres around the localiser's foreground)")
+
+
+def localiser_for_fold(localiser: str | Path, fold: int | None) -> Path:
+    """The localiser of one fold's model: ``LOCALISER/fold_K`` when the localiser is a cross-validation folder with
+    that fold (so an out-of-fold case is localised by a model that did not train on it either), else the localiser."""
+    path = Path(localiser)
+    if fold is not None and (path / f"fold_{fold}" / "checkpoints").is_dir():
+        return path / f"fold_{fold}"
+    return path
+
+
+def region_of(labels: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """The voxels within ``margin_mm`` (Euclidean, in millimetres on a grid of ``spacing``) of a non-zero label."""
+    from scipy import ndimage
+
+    fg = np.asarray(labels) != 0
+    if not fg.any():
+        return fg
+    if margin_mm <= 0:
+        return fg
+    box = _box(fg, spacing, margin_mm)
+    inside = np.zeros_like(fg)
+    inside[box] = ndimage.distance_transform_edt(~fg[box], sampling=tuple(float(s) for s in spacing)) <= margin_mm
+    return inside
+
+
+def _box(fg: np.ndarray, spacing: Sequence[float], margin_mm: float) -> tuple[slice, ...]:
+    """The bounding box of ``fg`` grown by the margin (the distance transform is computed only there)."""
+    idx = np.nonzero(fg)
+    out = []
+    for axis, s in enumerate(spacing):
+        pad = int(np.ceil(margin_mm / float(s))) + 1
+        out.append(slice(max(0, int(idx[axis].min()) - pad), min(fg.shape[axis], int(idx[axis].max()) + pad + 1)))
+    return tuple(out)
+
+
+def restrict(probabilities: np.ndarray, region: np.ndarray, target: str) -> np.ndarray:
+    """``(K, *spatial)`` probabilities with background outside ``region``: every region channel 0 for sigmoid
+    ``regions``, class 0 certain for softmax ``labels``."""
+    if region.shape != probabilities.shape[1:]:
+        raise MedsegError(f"cascade: the localiser's region {region.shape} and the refiner's probabilities "
+                          f"{probabilities.shape[1:]} are not on one grid")
+    out = np.array(probabilities, copy=True)
+    outside = ~region
+    out[:, outside] = 0.0
+    if target != "regions":
+        out[0, outside] = 1.0
+    return out

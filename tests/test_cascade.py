@@ -1,0 +1,171 @@
+"""The two-stage cascade (medseg.inference.cascade): a refiner's output kept within a margin (mm) of its localiser's
+foreground, on the scan's own grid; a fold's refiner localised by the same fold; the pipeline's cascade section
+reaching medseg predict through the checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medseg.cli import main
+from medseg.data.io import read_volume, write_volume
+from medseg.data.labels import get_scheme
+from medseg.data.volume import Volume
+from medseg.errors import MedsegError
+from medseg.inference import loading
+from medseg.inference.cascade import localiser_for_fold, region_of, restrict
+
+SPACING = (1.0, 1.5, 3.0)
+# a non-RAS grid (axes flipped and permuted): the refiner reorients to RAS and back, the region must not move
+AFFINE = np.array([[0.0, -1.5, 0.0, 40.0], [-1.0, 0.0, 0.0, 30.0], [0.0, 0.0, 3.0, -20.0], [0, 0, 0, 1.0]])
+
+
+class Constant(torch.nn.Module):
+    """Region logits: WT where the first channel is bright (the localiser), or every region everywhere (the refiner),
+    or nothing (a localiser that finds nothing)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.full((x.shape[0], 3, *x.shape[2:]), -20.0) + self.dummy
+        if self.mode == "everything":
+            return -out
+        if self.mode == "bright":
+            out[:, 0] = torch.where(x[:, 0] > 2.0, 20.0, -20.0)
+        return out
+
+
+@pytest.fixture(autouse=True)
+def constant_models(monkeypatch):
+    monkeypatch.setattr(loading, "build_model", lambda cfg: Constant(cfg["kwargs"]["mode"]))
+
+
+def checkpoint(path: Path, mode: str, fold: int | None = None, **inference) -> Path:
+    scheme = get_scheme("brats")
+    ckpt = {"format": "medseg-checkpoint", "model": {"name": "constant", "spatial_dims": 3, "in_channels": 4, "out_channels": 3,
+                                                     "kwargs": {"mode": mode}},
+            "state_dict": Constant(mode).state_dict(), "channels": ["flair", "t1", "t1ce", "t2"], "label_scheme": scheme.to_dict(),
+            "target": "regions", "preprocessing": {}, "pipeline": {"data": {"val_fold": fold}},
+            "inference": {"roi_size": [16, 16, 8], "overlap": 0.25, "sw_batch_size": 4, "tta": False, "amp": "off", **inference}}
+    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path / "checkpoints" / "last.pt")
+    return path
+
+
+@pytest.fixture
+def scan(tmp_path) -> list[Path]:
+    """A head (value 1) with one bright blob (value 6) in its first channel, on a non-RAS anisotropic grid."""
+    rng = np.random.default_rng(0)
+    head = np.zeros((40, 30, 14), np.float32)
+    head[4:36, 3:27, 2:12] = 1.0 + 0.05 * rng.standard_normal((32, 24, 10))
+    files = []
+    for c in ("flair", "t1", "t1ce", "t2"):
+        arr = head.copy()
+        if c == "flair":
+            arr[20:25, 10:14, 6:8] = 6.0
+        files.append(write_volume(Volume(arr, AFFINE), tmp_path / "case" / f"case_{c}.nii.gz"))
+    return files
+
+
+def predict(model: Path, files, out: Path, *extra) -> np.ndarray:
+    assert main(["predict", "--model", str(model), "--input", *map(str, files), "--output", str(out), "--id", "case",
+                 "--no-progress", *extra]) == 0
+    return read_volume(out / "case.nii.gz")
+
+
+def test_region_of_is_the_distance_in_millimetres_on_the_scans_grid():
+    labels = np.zeros((20, 20, 9), np.uint8)
+    labels[10, 10, 4] = 2
+    got = region_of(labels, SPACING, 4.5)
+    idx = np.indices(labels.shape).astype(float)
+    dist = np.sqrt(sum(((idx[a] - c) * s) ** 2 for a, (c, s) in enumerate(zip((10, 10, 4), SPACING))))
+    np.testing.assert_array_equal(got, dist <= 4.5)
+    assert got[10, 10, 5] and not got[10, 10, 6]  # 3 mm on the third axis, 6 mm too far
+    assert not region_of(np.zeros((5, 5, 5)), SPACING, 10.0).any()
+
+
+def test_restrict_sets_background_for_regions_and_for_classes():
+    probs = np.full((3, 4, 4), 0.9, np.float32)
+    region = np.zeros((4, 4), bool)
+    region[1:3, 1:3] = True
+    out = restrict(probs, region, "regions")
+    assert (out[:, region] == 0.9).all() and (out[:, ~region] == 0).all() and (probs == 0.9).all()
+    out = restrict(probs, region, "labels")
+    assert (out[0, ~region] == 1).all() and (out[1:, ~region] == 0).all()
+    with pytest.raises(MedsegError, match="one grid"):
+        restrict(probs, region[:3], "regions")
+
+
+def test_refiner_output_is_kept_within_the_margin_of_the_localisers_foreground(tmp_path, scan):
+    localiser = checkpoint(tmp_path / "loc", "bright")
+    refiner = checkpoint(tmp_path / "ref", "everything", localiser=str(localiser), localiser_margin_mm=4.0)
+    found = predict(localiser, scan, tmp_path / "p_loc")
+    assert found.array.any()
+    out = predict(refiner, scan, tmp_path / "p_ref")
+    assert out.shape == found.shape and np.allclose(out.affine, AFFINE, atol=1e-4)
+    expected = region_of(found.array, SPACING, 4.0)
+    np.testing.assert_array_equal(out.array != 0, expected)  # every region everywhere inside: ET (4)
+    assert set(np.unique(out.array[expected]).tolist()) == {4} and expected.sum() > (found.array != 0).sum()
+    # --localiser-margin overrides the checkpoint's margin; without a localiser the refiner covers the head
+    wider = predict(refiner, scan, tmp_path / "p_wide", "--localiser-margin", "9")
+    np.testing.assert_array_equal(wider.array != 0, region_of(found.array, SPACING, 9.0))
+    plain = predict(checkpoint(tmp_path / "plain", "everything"), scan, tmp_path / "p_plain")
+    assert (plain.array != 0).sum() > (wider.array != 0).sum()
+
+
+def test_a_folds_refiner_is_localised_by_the_same_fold_and_an_ensemble_by_the_ensemble(tmp_path, scan):
+    cv = tmp_path / "loc_cv"
+    checkpoint(cv / "fold_0", "bright", fold=0)
+    checkpoint(cv / "fold_1", "nothing", fold=1)
+    assert localiser_for_fold(cv, 1) == cv / "fold_1" and localiser_for_fold(cv, None) == cv
+    assert localiser_for_fold(cv / "fold_0", 1) == cv / "fold_0"  # a single run localises every fold
+    r0 = checkpoint(tmp_path / "ref_cv" / "fold_0", "everything", fold=0, localiser=str(cv))
+    r1 = checkpoint(tmp_path / "ref_cv" / "fold_1", "everything", fold=1, localiser=str(cv))
+    assert predict(r0, scan, tmp_path / "p0").array.any()
+    assert not predict(r1, scan, tmp_path / "p1").array.any()  # fold 1's localiser finds nothing: nothing kept
+    # the refiner ensemble uses the localiser ensemble: the mean of "bright" and "nothing" is below 0.5 everywhere
+    assert not predict(tmp_path / "ref_cv", scan, tmp_path / "p_ens").array.any()
+    # an explicit --localiser replaces the checkpoint's
+    assert predict(r1, scan, tmp_path / "p1b", "--localiser", str(cv / "fold_0")).array.any()
+
+
+def test_stages_reading_other_channels_are_refused(tmp_path, scan):
+    localiser = checkpoint(tmp_path / "loc", "bright")
+    ckpt = torch.load(localiser / "checkpoints" / "last.pt", weights_only=False)
+    ckpt["channels"] = ["t1", "flair", "t1ce", "t2"]
+    torch.save(ckpt, localiser / "checkpoints" / "last.pt")
+    refiner = checkpoint(tmp_path / "ref", "everything", localiser=str(localiser))
+    with pytest.raises(MedsegError, match="reads channels"):
+        from medseg.inference.predictor import Predictor
+
+        Predictor.from_checkpoint(refiner)
+
+
+def test_the_pipelines_cascade_section_reaches_the_checkpoint(tmp_path):
+    from medseg.training.config import load_pipeline
+    from medseg.training.trainer import train
+
+    data = {"name": "refiner", "data": {"synthetic": {"cases": 3, "shape": [32, 32, 24], "seed": 1}, "workers": 0},
+            "model": {"name": "unet", "spatial_dims": 3, "kwargs": {"channels": [4, 8], "strides": [2], "num_res_units": 0}},
+            "sampling": {"patch_size": [16, 16, 16], "batch_size": 2},
+            "training": {"epochs": 1, "iterations_per_epoch": 1, "threads": 1}}
+    data["cascade"] = {"localiser": "../runs/first_stage", "margin_mm": 5}
+    (tmp_path / "pipelines").mkdir()
+    path = tmp_path / "pipelines" / "refiner.yaml"
+    path.write_text(yaml.safe_dump(data))
+    p = load_pipeline(path)
+    assert p.cascade.margin_mm == 5.0
+    train(p, run_dir=tmp_path / "run", progress=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert Path(ckpt["inference"]["localiser"]) == (tmp_path / "runs" / "first_stage").resolve()
+    assert ckpt["inference"]["localiser_margin_mm"] == 5.0
+    data["cascade"] = {"margin_mm": -1}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(MedsegError, match="cascade.margin_mm"):
+        load_pipeline(path)
