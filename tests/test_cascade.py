@@ -133,6 +133,10 @@ def test_a_folds_refiner_is_localised_by_the_same_fold_and_an_ensemble_by_the_en
     assert not predict(tmp_path / "ref_cv", scan, tmp_path / "p_ens").array.any()
     # an explicit --localiser replaces the checkpoint's
     assert predict(r1, scan, tmp_path / "p1b", "--localiser", str(cv / "fold_0")).array.any()
+    with pytest.raises(MedsegError, match="first stage"):
+        from medseg.inference.predictor import Predictor
+
+        Predictor.from_checkpoint(r1, localiser=str(tmp_path / "not_trained"))
 
 
 def test_stages_reading_other_channels_are_refused(tmp_path, scan):

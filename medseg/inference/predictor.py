@@ -166,6 +166,9 @@ class Predictor:
         if localiser:
             fold = members[0].fold if len(members) == 1 else None
             margin = members[0].inference.get("localiser_margin_mm", CascadeSettings.margin_mm) if margin is None else margin
+            if not Path(localiser).exists():
+                raise MedsegError(f"{run_or_file}: its first stage (cascade.localiser) {localiser} does not exist; train it "
+                                  "first (docs/training.md, Cascade) or give --localiser RUN")
             predictor.localise_with(cls.from_checkpoint(localiser_for_fold(localiser, fold), device=infer.device,
                                                         amp=infer.amp), margin)
         return predictor
