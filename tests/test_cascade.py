@@ -16,7 +16,7 @@ from medseg.data.labels import get_scheme
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError
 from medseg.inference import loading
-from medseg.inference.cascade import localiser_for_fold, region_of, restrict
+from medseg.inference.cascade import choose_average, compose, localiser_for_fold, region_of, restrict
 
 SPACING = (1.0, 1.5, 3.0)
 # a non-RAS grid (axes flipped and permuted): the refiner reorients to RAS and back, the region must not move
@@ -24,8 +24,8 @@ AFFINE = np.array([[0.0, -1.5, 0.0, 40.0], [-1.0, 0.0, 0.0, 30.0], [0.0, 0.0, 3.
 
 
 class Constant(torch.nn.Module):
-    """Region logits: WT where the first channel is bright (the localiser), or every region everywhere (the refiner),
-    or nothing (a localiser that finds nothing)."""
+    """Region logits: WT where the first channel is bright (the localiser), or every region everywhere (the refiner;
+    ``mild``: at probability 0.73), or nothing (a localiser that finds nothing)."""
 
     def __init__(self, mode: str):
         super().__init__()
@@ -36,6 +36,8 @@ class Constant(torch.nn.Module):
         out = torch.full((x.shape[0], 3, *x.shape[2:]), -20.0) + self.dummy
         if self.mode == "everything":
             return -out
+        if self.mode == "mild":  # every region at probability sigmoid(1) = 0.73
+            return out * 0 + 1.0
         if self.mode == "bright":
             out[:, 0] = torch.where(x[:, 0] > 2.0, 20.0, -20.0)
         return out
@@ -77,6 +79,11 @@ def predict(model: Path, files, out: Path, *extra) -> np.ndarray:
     assert main(["predict", "--model", str(model), "--input", *map(str, files), "--output", str(out), "--id", "case",
                  "--no-progress", *extra]) == 0
     return read_volume(out / "case.nii.gz")
+
+
+def probabilities(model: Path, files, out: Path, *extra) -> np.ndarray:
+    predict(model, files, out, "--probabilities", *extra)
+    return np.asarray(read_volume(out / "case_prob.nii.gz").array)
 
 
 def test_region_of_is_the_distance_in_millimetres_on_the_scans_grid():
@@ -159,7 +166,7 @@ def test_the_pipelines_cascade_section_reaches_the_checkpoint(tmp_path):
             "model": {"name": "unet", "spatial_dims": 3, "kwargs": {"channels": [4, 8], "strides": [2], "num_res_units": 0}},
             "sampling": {"patch_size": [16, 16, 16], "batch_size": 2},
             "training": {"epochs": 1, "iterations_per_epoch": 1, "threads": 1}}
-    data["cascade"] = {"localiser": "../runs/first_stage", "margin_mm": 5}
+    data["cascade"] = {"localiser": "../runs/first_stage", "margin_mm": 5, "average": ["WT"]}
     (tmp_path / "pipelines").mkdir()
     path = tmp_path / "pipelines" / "refiner.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -168,8 +175,79 @@ def test_the_pipelines_cascade_section_reaches_the_checkpoint(tmp_path):
     train(p, run_dir=tmp_path / "run", progress=False)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert Path(ckpt["inference"]["localiser"]) == (tmp_path / "runs" / "first_stage").resolve()
-    assert ckpt["inference"]["localiser_margin_mm"] == 5.0
+    assert ckpt["inference"]["localiser_margin_mm"] == 5.0 and ckpt["inference"]["localiser_average"] == ["WT"]
     data["cascade"] = {"margin_mm": -1}
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(MedsegError, match="cascade.margin_mm"):
         load_pipeline(path)
+
+
+def test_averaged_regions_are_the_mean_of_both_stages_within_the_region(tmp_path, scan):
+    localiser = checkpoint(tmp_path / "loc", "bright")
+    refiner = checkpoint(tmp_path / "ref", "mild", localiser=str(localiser), localiser_margin_mm=4.0)
+    p_loc = probabilities(localiser, scan, tmp_path / "p_loc")
+    p_ref = probabilities(refiner, scan, tmp_path / "p_ref")
+    p_avg = probabilities(refiner, scan, tmp_path / "p_avg", "--localiser-average", "WT")
+    region = region_of(predict(localiser, scan, tmp_path / "l").array, SPACING, 4.0)
+    assert (p_ref[region] > 0.7).all() and (p_avg[~region] == 0).all()
+    np.testing.assert_allclose(p_avg[region][:, 0], 0.5 * (p_loc[region][:, 0] + p_ref[region][:, 0]), atol=1e-5)
+    np.testing.assert_allclose(p_avg[region][:, 1:], p_ref[region][:, 1:], atol=1e-6)  # TC, ET: the refiner's
+    # WT survives where the localiser found it (0.86), not in the margin around it (0.37)
+    found = predict(refiner, scan, tmp_path / "avg", "--localiser-average", "WT", "TC", "ET").array
+    np.testing.assert_array_equal(found != 0, predict(localiser, scan, tmp_path / "l2").array != 0)
+    # the pipeline's choice is stored in the checkpoint; 'none' turns it off; a name outside the scheme is refused
+    stored = checkpoint(tmp_path / "ref2", "mild", localiser=str(localiser), localiser_margin_mm=4.0, localiser_average=["WT"])
+    np.testing.assert_allclose(probabilities(stored, scan, tmp_path / "p_st"), p_avg, atol=1e-6)
+    np.testing.assert_allclose(probabilities(stored, scan, tmp_path / "p_no", "--localiser-average", "none"), p_ref, atol=1e-6)
+    with pytest.raises(MedsegError, match="not regions"):
+        from medseg.inference.predictor import Predictor
+
+        Predictor.from_checkpoint(refiner, localiser_average=["edema"])
+
+
+def test_choose_average_keeps_the_regions_the_average_improves_and_compose_takes_them():
+    plain, averaged = {"WT": 0.8, "TC": 0.7, "ET": 0.6}, {"WT": 0.85, "TC": 0.65, "ET": 0.6}
+    assert choose_average(plain, averaged)["average"] == ["WT"]
+    assert choose_average(plain, averaged, per_region=False)["average"] == []  # mean 0.700 vs 0.700: not raised
+    scheme = get_scheme("brats")
+    refined = np.zeros((6, 6), np.uint8)
+    refined[1:5, 1:5] = 2
+    refined[2:4, 2:4] = 4
+    avg = np.zeros((6, 6), np.uint8)
+    avg[0:6, 0:3] = 2
+    avg[0, 0] = 1
+    out = compose(refined, avg, scheme, ["WT"])
+    np.testing.assert_array_equal(out != 0, (avg != 0) | np.isin(refined, (1, 4)))  # WT from the average
+    np.testing.assert_array_equal(np.isin(out, (1, 4)), np.isin(refined, (1, 4)))  # TC and ET from the refiner
+    np.testing.assert_array_equal(out == 4, refined == 4)
+    assert compose(refined, avg, scheme, []) is refined
+
+
+def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predictions(tmp_path, scan):
+    from medseg.data.manifest import read_manifest
+    from medseg.training.crossval import summarize_cv
+
+    truth = np.zeros(read_volume(scan[0]).shape, np.uint8)
+    truth[20:25, 10:14, 6:8] = 1  # the bright blob is necrotic core: WT = TC = blob, no ET
+    label = write_volume(Volume(truth, AFFINE), tmp_path / "case" / "case_seg.nii.gz")
+    rows = ["id,flair,t1,t1ce,t2,label,fold"] + [f"c{k},{','.join(map(str, scan))},{label},{k}" for k in (0, 1)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    for k in (0, 1):
+        checkpoint(tmp_path / "loc" / f"fold_{k}", "bright", fold=k)
+        checkpoint(tmp_path / "ref" / f"fold_{k}", "mild", fold=k, localiser=str(tmp_path / "loc"), localiser_margin_mm=4.0)
+    choice = summarize_cv(tmp_path / "ref", read_manifest(tmp_path / "m.csv"), [0, 1])
+    # averaged: WT exactly the blob (better), TC and ET gone (TC worse: the refiner's TC covers the blob; ET better)
+    assert choice["cascade"]["average"] == ["WT", "ET"] and choice["postprocessing"]["localiser_average"] == ["WT", "ET"]
+    assert choice["cascade"]["dice_averaged"]["WT"] == 1.0 > choice["cascade"]["dice_refiner"]["WT"]
+    # the predictions scored are the composed ones: TC from the refiner alone (its region), no ET (averaged away)
+    refined = read_volume(tmp_path / "ref" / "cv" / "predictions_refiner" / "c0.nii.gz").array
+    composed = read_volume(tmp_path / "ref" / "cv" / "predictions" / "c0.nii.gz").array
+    assert (refined[refined != 0] == 4).all() and refined.any()
+    np.testing.assert_array_equal(composed, np.where(refined != 0, 1, 0))
+    # medseg predict on the fold ensemble applies the choice: its probabilities are averaged for WT and ET only
+    p_ref = probabilities(tmp_path / "ref", scan, tmp_path / "p_ref", "--localiser-average", "none")
+    p_loc = probabilities(tmp_path / "loc", scan, tmp_path / "p_loc")
+    p_ens = probabilities(tmp_path / "ref", scan, tmp_path / "p_ens")
+    inside = p_ref[..., 0] > 0
+    np.testing.assert_allclose(p_ens[inside][:, [0, 2]], 0.5 * (p_ref[inside] + p_loc[inside])[:, [0, 2]], atol=1e-5)
+    np.testing.assert_allclose(p_ens[inside][:, 1], p_ref[inside][:, 1], atol=1e-6)

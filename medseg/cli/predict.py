@@ -62,6 +62,9 @@ def register(sub) -> None:
                    help="first-stage model: keep the prediction near its foreground (a CV folder: fold K for fold K's model)")
     k.add_argument("--localiser-margin", dest="localiser_margin_mm", type=float, default=None, metavar="MM",
                    help="distance from the localiser's foreground within which the prediction is kept (default 6)")
+    k.add_argument("--localiser-average", dest="localiser_average", nargs="+", default=None, metavar="NAME",
+                   help="regions (or classes) whose probabilities are the mean of both stages, or 'none' (default: what "
+                        "cross-validation chose for a fold ensemble, else the pipeline's cascade.average)")
     q = p.add_argument_group("postprocessing (default: the checkpoint's, else off)")
     q.add_argument("--threshold", type=float, default=None, help="region probability threshold (default 0.5)")
     q.add_argument("--min-component-size", type=int, default=None, metavar="VOXELS",
@@ -127,7 +130,9 @@ def run(args) -> int:
     options = {"roi_size": args.roi, "overlap": args.overlap, "blend": args.blend, "sw_batch_size": args.sw_batch_size,
                "tta": args.tta, "amp": args.amp, "device": device, "stitch": args.stitch, "skip_empty": args.skip_empty,
                "threshold": args.threshold, "min_component_size": args.min_component_size, "et_min_voxels": args.et_min_voxels,
-               "localiser": args.localiser, "localiser_margin_mm": args.localiser_margin_mm}
+               "localiser": args.localiser, "localiser_margin_mm": args.localiser_margin_mm,
+               "localiser_average": None if args.localiser_average is None else
+               [n for n in args.localiser_average if n.lower() != "none"]}
     instances = None
     if args.instances is not None:
         from medseg.inference.instances import InstanceSettings

@@ -8,12 +8,19 @@ ordinary pipeline at the fine spacing, trained on patches centred on the object 
     cascade:
       localiser: ../runs/brats_planned   # relative to the pipeline file; a CV folder localises fold K with its fold K
       margin_mm: 6.0                     # the refiner's output is kept within this distance of the localiser's
+      average: []                        # regions (or classes) whose probabilities are the mean of both stages
 
 ``medseg predict --model REFINER`` runs the localiser on the scan (with its own settings and postprocessing), takes
 its foreground dilated by ``margin_mm`` (millimetres, on the scan's grid), runs the refiner and sets its
 probabilities to background outside that region, then thresholds and postprocesses as usual. The refiner never
 sees a patch without object nearby in training, so outside the localiser's region its output is not trusted.
 Everything happens on the scan's own grid, so the geometry of the output is the scan's.
+
+The two stages are also two models of the same scan at two resolutions, and their mean can be better than either
+(nnU-Net ensembles its configurations where cross-validation says so). ``average`` names the regions (or classes)
+whose probabilities are the mean of the localiser's and the refiner's; cross-validation chooses them per region on
+the out-of-fold predictions (:func:`choose_average`, stored with the postprocessing choice in
+``RUN/postprocessing.json``) and ``medseg predict`` applies the choice to the fold ensemble.
 
 Example:
     >>> import numpy as np
@@ -38,8 +45,10 @@ class CascadeSettings:
 
     localiser: Optional[str] = None
     margin_mm: float = 6.0
+    average: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "average", tuple(str(n) for n in (self.average or ())))
         if float(self.margin_mm) < 0:
             raise MedsegError(f"margin_mm: {self.margin_mm} must be >= 0 (millimetres around the localiser's foreground)")
 
@@ -90,3 +99,50 @@ def restrict(probabilities: np.ndarray, region: np.ndarray, target: str) -> np.n
     if target != "regions":
         out[0, outside] = 1.0
     return out
+
+
+def average_channels(names: Sequence[str], scheme, target: str, channels: int) -> list[int]:
+    """The probability channels to average for ``names``: those regions of a ``regions`` model; for a softmax
+    (``labels``) model every channel as soon as one class is named (a mean of distributions stays a distribution)."""
+    available = list(scheme.regions) if target == "regions" else list(scheme.labels)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise MedsegError(f"cascade average {unknown}: not {'regions' if target == 'regions' else 'classes'} of label "
+                          f"scheme '{scheme.name}' ({', '.join(map(str, available))})")
+    if target == "regions":
+        return [available.index(n) for n in names]
+    return list(range(channels)) if names else []
+
+
+def average_stages(refined: np.ndarray, localised: np.ndarray, channels: Sequence[int]) -> np.ndarray:
+    """``refined`` with the given channels replaced by the mean of both stages' ``(K, *spatial)`` probabilities."""
+    if refined.shape != localised.shape:
+        raise MedsegError(f"cascade: the localiser's probabilities {localised.shape} and the refiner's {refined.shape} "
+                          "differ; averaging needs models of the same label scheme and target")
+    out = np.array(refined, copy=True)
+    for c in channels:
+        out[c] = 0.5 * (refined[c] + localised[c])
+    return out
+
+
+def choose_average(plain: dict, averaged: dict, per_region: bool = True) -> dict:
+    """Which regions to average: those whose mean out-of-fold Dice (dicts name -> mean Dice, before postprocessing)
+    is higher averaged than refined alone; without regions (``per_region=False``, softmax classes) all classes or
+    none, by the mean over classes. Returns ``{"average": [...], "dice_refiner": ..., "dice_averaged": ...}``."""
+    if per_region:
+        chosen = [n for n in plain if averaged[n] > plain[n]]
+    else:
+        chosen = list(plain) if np.mean(list(averaged.values())) > np.mean(list(plain.values())) else []
+    return {"average": chosen, "dice_refiner": dict(plain), "dice_averaged": dict(averaged)}
+
+
+def compose(refined: np.ndarray, averaged: np.ndarray, scheme, chosen: Sequence[str]) -> np.ndarray:
+    """A label map taking each chosen region (or, for a scheme without regions, every class when any is chosen)
+    from ``averaged`` and the others from ``refined``: the map the choice would have predicted."""
+    if not chosen:
+        return refined
+    if not scheme.regions:
+        return averaged
+    a, b = scheme.to_regions(refined), scheme.to_regions(averaged)
+    masks = np.stack([b[i] if name in chosen else a[i] for i, name in enumerate(scheme.regions)])
+    return scheme.from_regions(masks).astype(refined.dtype, copy=False)

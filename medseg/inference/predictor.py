@@ -29,7 +29,7 @@ from medseg.data.manifest import check_case_id
 from medseg.data.preprocess import Prepared, Preprocessing
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError, ValidationError
-from medseg.inference.cascade import CascadeSettings, localiser_for_fold, region_of, restrict
+from medseg.inference.cascade import CascadeSettings, average_channels, average_stages, localiser_for_fold, region_of, restrict
 from medseg.inference.engine import (InferenceSettings, autocast_dtype, channels_last_format, resolve_device,
                                      sliding_window)
 from medseg.inference.inputs import CaseInput, resolve_inputs
@@ -161,6 +161,10 @@ class Predictor:
         chosen = chosen_postprocessing(run_or_file) if len(members) > 1 else {}
         localiser = overrides.pop("localiser", None) or members[0].inference.get("localiser")
         margin = overrides.pop("localiser_margin_mm", None)
+        average = overrides.pop("localiser_average", None)
+        chosen_average = chosen.pop("localiser_average", None)
+        if average is None:
+            average = members[0].inference.get("localiser_average", ()) if chosen_average is None else chosen_average
         infer, post = settings_for(members[0], {**chosen, **{k: v for k, v in overrides.items() if v is not None}})
         predictor = cls(members, infer, post, probabilities)
         if localiser:
@@ -170,14 +174,16 @@ class Predictor:
                 raise MedsegError(f"{run_or_file}: its first stage (cascade.localiser) {localiser} does not exist; train it "
                                   "first (docs/training.md, Cascade) or give --localiser RUN")
             predictor.localise_with(cls.from_checkpoint(localiser_for_fold(localiser, fold), device=infer.device,
-                                                        amp=infer.amp), margin)
+                                                        amp=infer.amp), margin, average)
         return predictor
 
     localiser: "Predictor | None" = None  # a cascade's first stage (localise_with)
     localiser_margin_mm: float = 0.0
+    localiser_average: tuple[int, ...] = ()  # probability channels averaged with the localiser's
 
-    def localise_with(self, localiser: "Predictor", margin_mm: float) -> None:
-        """Keep this model's output within ``margin_mm`` of ``localiser``'s foreground (:mod:`medseg.inference.cascade`)."""
+    def localise_with(self, localiser: "Predictor", margin_mm: float, average: Sequence[str] = ()) -> None:
+        """Keep this model's output within ``margin_mm`` of ``localiser``'s foreground, and average the probabilities
+        of the regions (or classes) named in ``average`` with the localiser's (:mod:`medseg.inference.cascade`)."""
         if localiser.loaded.channels != self.loaded.channels:
             raise MedsegError(f"localiser {localiser.loaded.path} reads channels {list(localiser.loaded.channels)}, the model "
                               f"{list(self.loaded.channels)}; a cascade's two stages read the same scan")
@@ -186,7 +192,16 @@ class Predictor:
         if localiser.loaded.spatial_dims != self.loaded.spatial_dims:
             raise MedsegError(f"localiser {localiser.loaded.path} is {localiser.loaded.spatial_dims}D, the model "
                               f"{self.loaded.spatial_dims}D; a cascade's two stages must match")
-        self.localiser, self.localiser_margin_mm = localiser, float(CascadeSettings(margin_mm=margin_mm).margin_mm)
+        settings = CascadeSettings(margin_mm=margin_mm, average=tuple(average or ()))
+        if settings.average and (localiser.loaded.target != self.loaded.target
+                                 or localiser.loaded.scheme.to_dict() != self.loaded.scheme.to_dict()):
+            raise MedsegError(f"cascade average {list(settings.average)}: localiser {localiser.loaded.path} predicts "
+                              f"{localiser.loaded.target} of scheme '{localiser.loaded.scheme.name}', the model "
+                              f"{self.loaded.target} of '{self.loaded.scheme.name}'; only the same outputs can be averaged")
+        channels = average_channels(settings.average, self.loaded.scheme, self.loaded.target, self.segmenter.out_channels)
+        localiser.probabilities = localiser.probabilities or bool(channels)
+        self.localiser, self.localiser_margin_mm = localiser, float(settings.margin_mm)
+        self.localiser_average = tuple(channels)
 
     nan_policy = "error"  # NaN/infinite input voxels: "error", or "zero" (set to 0 with a warning); predict(nan_policy=...)
 
@@ -203,15 +218,18 @@ class Predictor:
         first = images[0]
         region = None
         if self.localiser is not None:  # a cascade: the refiner's output only where the first stage found the object
-            found = self.localiser.predict_volumes(images).labels
-            region = region_of(found.array, first.spacing, self.localiser_margin_mm)
+            stage1 = self.localiser.predict_volumes(images)
+            region = region_of(stage1.labels.array, first.spacing, self.localiser_margin_mm)
         prep = self.loaded.preprocessing.apply(list(images), masks=None if region is None else region[None])
         if self.segmenter.instance_model and (self.instances is None or self.instances.method in ("auto", "model")):
             return self._predict_objects(images, prep)
         if region is None:
             full = self.segmenter.probabilities(prep.image, prep)
         elif region.any():  # windows only over the region (on the refiner's grid), exact restriction on the scan's
-            full = restrict(self.segmenter.probabilities(prep.image, prep, mask=prep.masks[0] > 0), region, self.loaded.target)
+            full = self.segmenter.probabilities(prep.image, prep, mask=prep.masks[0] > 0)
+            if self.localiser_average:
+                full = average_stages(full, np.moveaxis(np.asarray(stage1.probabilities.array), -1, 0), self.localiser_average)
+            full = restrict(full, region, self.loaded.target)
         else:  # the localiser found nothing: nothing to refine
             k = self.segmenter.out_channels
             full = restrict(np.zeros((k, *region.shape), np.float32), region, self.loaded.target)
@@ -353,8 +371,9 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
             before the labels are taken: True for the defaults, or a dict of its options; needs pydensecrf2.
             The probabilities written (``probabilities=True``) are then the refined ones.
         options: :class:`InferenceSettings` and :class:`PostprocessSettings` fields overriding the checkpoint's, and
-            ``localiser`` (a run folder) / ``localiser_margin_mm`` overriding a cascade's first stage
-            (:mod:`medseg.inference.cascade`; a single fold's model is localised by the same fold of a CV localiser).
+            ``localiser`` (a run folder) / ``localiser_margin_mm`` / ``localiser_average`` (names; [] = none)
+            overriding a cascade's first stage (:mod:`medseg.inference.cascade`; a single fold's model is localised
+            by the same fold of a CV localiser).
 
     Returns:
         The files written (label maps first per case).

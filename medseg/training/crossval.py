@@ -10,6 +10,10 @@ the cases of fold k and trains on the others), then:
    before/after go to ``RUN/postprocessing.json``; ``medseg predict --model RUN`` applies it to the fold ensemble;
 3. writes ``RUN/cv/report`` (``medseg evaluate`` over all out-of-fold cases, postprocessed: one report for all folds).
 
+For a cascade's refiner (:mod:`medseg.inference.cascade`) step 1 runs twice, refiner alone and averaged with the
+localiser, and the regions whose mean Dice the average raises are averaged from then on (``localiser_average`` in
+``RUN/postprocessing.json``); the postprocessing is chosen after that, on the composed predictions.
+
 The postprocessing is chosen and scored on the same out-of-fold cases, so its gain is slightly optimistic (it is two
 or three discrete choices, not a fit).
 """
@@ -85,16 +89,41 @@ def train_folds(p: Pipeline, run_dir: str | Path, folds: str = "all", resume: bo
     return {"run_dir": str(run_dir), "folds": results, "summary": summary}
 
 
-def out_of_fold_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int], progress: bool) -> Path:
-    """Predict the cases of each fold with that fold's model into ``run_dir/cv/predictions`` (no postprocessing)."""
+def out_of_fold_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int], progress: bool,
+                            folder: str = "predictions", **options) -> Path:
+    """Predict the cases of each fold with that fold's model into ``run_dir/cv/<folder>`` (no postprocessing;
+    ``options`` as :func:`medseg.inference.predictor.predict` takes them)."""
     from medseg.inference.predictor import predict
 
-    out = run_dir / "cv" / "predictions"
+    out = run_dir / "cv" / folder
     for k in folds:
         cases = replace(manifest, cases=tuple(c for c in manifest.cases if c.fold == k))
         subset = write_manifest(replace(cases, path=None), run_dir / "cv" / f"fold_{k}.csv")
-        predict(run_dir / f"fold_{k}", subset, out, progress=progress, **_no_postprocessing())
+        predict(run_dir / f"fold_{k}", subset, out, progress=progress, **_no_postprocessing(), **options)
     return out
+
+
+def cascade_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int], scheme: LabelScheme,
+                        progress: bool) -> tuple[Path, dict]:
+    """A cascade's out-of-fold predictions with the regions averaged with the localiser chosen on them
+    (:mod:`medseg.inference.cascade`): every case predicted by the refiner alone and with all regions (or classes)
+    averaged, then each region taken from the variant with the higher mean Dice. Returns the folder of the composed
+    predictions and the choice."""
+    from medseg.inference.cascade import choose_average, compose
+
+    names = list(scheme.regions) or [n for n in scheme.labels if scheme.labels[n] != 0]
+    plain = out_of_fold_predictions(run_dir, manifest, folds, progress, "predictions_refiner", localiser_average=[])
+    averaged = out_of_fold_predictions(run_dir, manifest, folds, progress, "predictions_averaged", localiser_average=names)
+    base = PostprocessSettings()
+    choice = choose_average(mean_dice(_load_pairs(plain, manifest, scheme), scheme, base),
+                            mean_dice(_load_pairs(averaged, manifest, scheme), scheme, base), per_region=bool(scheme.regions))
+    out = run_dir / "cv" / "predictions"
+    other = prediction_paths(averaged, manifest)
+    for case_id, path in prediction_paths(plain, manifest).items():
+        vol = read_mask(path)
+        composed = compose(np.asarray(vol.array), np.asarray(read_mask(other[case_id]).array), scheme, choice["average"])
+        write_volume(vol.with_array(composed), out / path.name, dtype=None if path.suffix in (".png", ".tif") else np.uint8)
+    return out, choice
 
 
 def _no_postprocessing() -> dict:
@@ -175,10 +204,18 @@ def summarize_cv(run_dir: Path, manifest: Manifest, folds: Sequence[int], progre
     from medseg.evaluation import evaluate, write_report
     from medseg.inference.loading import load_model
 
-    scheme = load_model(run_dir / f"fold_{folds[0]}").scheme
-    raw = out_of_fold_predictions(run_dir, manifest, folds, progress)
+    first = load_model(run_dir / f"fold_{folds[0]}")
+    scheme = first.scheme
+    cascade = None
+    if first.inference.get("localiser"):  # a cascade's refiner: which regions to average with the localiser first
+        raw, cascade = cascade_predictions(run_dir, manifest, folds, scheme, progress)
+    else:
+        raw = out_of_fold_predictions(run_dir, manifest, folds, progress)
     pairs = _load_pairs(raw, manifest, scheme)
     choice = choose_postprocessing(pairs, scheme)
+    if cascade is not None:
+        choice["postprocessing"]["localiser_average"] = cascade["average"]
+        choice["cascade"] = cascade
     write_text_atomic(run_dir / "postprocessing.json", json.dumps(choice, indent=2) + "\n")
     post = PostprocessSettings.from_dict(choice["postprocessing"])
     final = run_dir / "cv" / "postprocessed"

@@ -179,11 +179,11 @@ class Run:
         """The prediction defaults stored with the model: every field of the pipeline's ``inference`` section (so
         ``medseg predict`` windows, blends and crops as validation did) and its postprocessing, less where and in
         which precision to run (:data:`MACHINE_SETTINGS`: the predicting machine's choice, ``--device``/``--amp``);
-        with a ``cascade`` section, the localiser's absolute path and margin (:mod:`medseg.inference.cascade`)."""
+        with a ``cascade`` section, the localiser's absolute path, margin and averaged regions (:mod:`medseg.inference.cascade`)."""
         settings = {k: v for k, v in dataclasses.asdict(self.p.inference).items() if k not in MACHINE_SETTINGS}
         cascade = self.p.cascade
-        localiser = {"localiser": str(self.p.resolve(cascade.localiser)), "localiser_margin_mm": float(cascade.margin_mm)} \
-            if cascade.localiser else {}
+        localiser = {"localiser": str(self.p.resolve(cascade.localiser)), "localiser_margin_mm": float(cascade.margin_mm),
+                     "localiser_average": list(cascade.average)} if cascade.localiser else {}
         return {**settings, "roi_size": list(self.p.roi_size), **dataclasses.asdict(self.p.postprocessing), **localiser}
 
     def checkpoint(self) -> dict:
