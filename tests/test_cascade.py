@@ -223,31 +223,50 @@ def test_choose_average_keeps_the_regions_the_average_improves_and_compose_takes
     assert compose(refined, avg, scheme, []) is refined
 
 
-def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predictions(tmp_path, scan):
+def _cv_of_constant_cascade(tmp_path, scan, margin: float, truth: np.ndarray) -> dict:
+    """Two folds of a 'bright' localiser and a 'mild' refiner on two copies of the scan labelled ``truth``; the CV summary."""
     from medseg.data.manifest import read_manifest
     from medseg.training.crossval import summarize_cv
 
-    truth = np.zeros(read_volume(scan[0]).shape, np.uint8)
-    truth[20:25, 10:14, 6:8] = 1  # the bright blob is necrotic core: WT = TC = blob, no ET
-    label = write_volume(Volume(truth, AFFINE), tmp_path / "case" / "case_seg.nii.gz")
+    label = write_volume(Volume(truth.astype(np.uint8), AFFINE), tmp_path / "case" / "case_seg.nii.gz")
     rows = ["id,flair,t1,t1ce,t2,label,fold"] + [f"c{k},{','.join(map(str, scan))},{label},{k}" for k in (0, 1)]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     for k in (0, 1):
         checkpoint(tmp_path / "loc" / f"fold_{k}", "bright", fold=k)
-        checkpoint(tmp_path / "ref" / f"fold_{k}", "mild", fold=k, localiser=str(tmp_path / "loc"), localiser_margin_mm=4.0)
-    choice = summarize_cv(tmp_path / "ref", read_manifest(tmp_path / "m.csv"), [0, 1])
-    # averaged: WT exactly the blob (better), TC and ET gone (TC worse: the refiner's TC covers the blob; ET better)
-    assert choice["cascade"]["average"] == ["WT", "ET"] and choice["postprocessing"]["localiser_average"] == ["WT", "ET"]
-    assert choice["cascade"]["dice_averaged"]["WT"] == 1.0 > choice["cascade"]["dice_refiner"]["WT"]
-    # the predictions scored are the composed ones: TC from the refiner alone (its region), no ET (averaged away)
+        checkpoint(tmp_path / "ref" / f"fold_{k}", "mild", fold=k, localiser=str(tmp_path / "loc"), localiser_margin_mm=margin)
+    return summarize_cv(tmp_path / "ref", read_manifest(tmp_path / "m.csv"), [0, 1])
+
+
+def test_the_average_is_chosen_on_postprocessed_dice(tmp_path, scan):
+    truth = np.zeros(read_volume(scan[0]).shape, np.uint8)
+    truth[20:25, 10:14, 6:8] = 1  # the blob is necrotic core: no ET
+    choice = _cv_of_constant_cascade(tmp_path, scan, 4.0, truth)
+    # raw, averaging would win ET too (the refiner's ET is everywhere within 4 mm; averaged, nowhere), but the
+    # small-ET rule chosen for the refiner alone removes its ET as well: a tie, so ET is not averaged
+    assert choice["cascade"]["dice_refiner"]["ET"] == choice["cascade"]["dice_averaged"]["ET"] == 1.0
+    assert choice["cascade"]["average"] == ["WT"] and choice["postprocessing"]["et_min_voxels"] > 0
+
+
+def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predictions(tmp_path, scan):
+    blob = np.zeros(read_volume(scan[0]).shape, bool)
+    blob[20:25, 10:14, 6:8] = True  # what the localiser finds
+    region = region_of(blob, SPACING, 12.0)
+    assert region.sum() > 1000  # more ET than the largest small-ET rule (1000 voxels) relabels
+    choice = _cv_of_constant_cascade(tmp_path, scan, 12.0, np.where(region, 2, 0))
+    # the truth is oedema over the whole region: the refiner alone has its WT (every region everywhere there), the
+    # average has no TC and no ET (0.37 outside the blob, 0.5 in it) but only the blob as WT
+    assert choice["cascade"]["average"] == ["TC", "ET"] and choice["postprocessing"]["localiser_average"] == ["TC", "ET"]
+    assert choice["cascade"]["dice_refiner"]["WT"] == 1.0 > choice["cascade"]["dice_averaged"]["WT"]
+    # the predictions scored are composed from the choice: WT from the refiner, no TC/ET: the truth itself
     refined = read_volume(tmp_path / "ref" / "cv" / "predictions_refiner" / "c0.nii.gz").array
     composed = read_volume(tmp_path / "ref" / "cv" / "predictions" / "c0.nii.gz").array
-    assert (refined[refined != 0] == 4).all() and refined.any()
-    np.testing.assert_array_equal(composed, np.where(refined != 0, 1, 0))
-    # medseg predict on the fold ensemble applies the choice: its probabilities are averaged for WT and ET only
+    np.testing.assert_array_equal(refined != 0, region)
+    np.testing.assert_array_equal(composed, np.where(region, 2, 0))
+    assert choice["dice_after"] == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
+    # medseg predict on the fold ensemble applies the choice: its probabilities are averaged for TC and ET only
     p_ref = probabilities(tmp_path / "ref", scan, tmp_path / "p_ref", "--localiser-average", "none")
     p_loc = probabilities(tmp_path / "loc", scan, tmp_path / "p_loc")
     p_ens = probabilities(tmp_path / "ref", scan, tmp_path / "p_ens")
     inside = p_ref[..., 0] > 0
-    np.testing.assert_allclose(p_ens[inside][:, [0, 2]], 0.5 * (p_ref[inside] + p_loc[inside])[:, [0, 2]], atol=1e-5)
-    np.testing.assert_allclose(p_ens[inside][:, 1], p_ref[inside][:, 1], atol=1e-6)
+    np.testing.assert_allclose(p_ens[inside][:, 1:], 0.5 * (p_ref[inside] + p_loc[inside])[:, 1:], atol=1e-5)
+    np.testing.assert_allclose(p_ens[inside][:, 0], p_ref[inside][:, 0], atol=1e-6)

@@ -436,6 +436,47 @@ def test_tta_is_planned_while_its_passes_over_a_median_case_fit_the_limit():
     assert not slow.tta and slow.notes["tta"].startswith("off")
 
 
+def test_cascade_splits_the_epochs_and_refines_with_the_same_network_at_the_data_spacing():
+    from medseg.planning.cascade import plan_cascade
+
+    fp = make_fp([(1.0, 1.0, 1.0)] * 5, [(140, 170, 140)] * 5, folds=[0, 1, 2, 3, 4])
+    coarse = make_plan(fp, Budget(min_steps=1000), flops_timer(0.002))
+    assert coarse.coarsen_factor > 1
+    stage1, refiner = plan_cascade(coarse, fp, "../runs/x")
+    s, s1, s2 = coarse.schedule, stage1.schedule, refiner.schedule
+    assert s1.epochs + s2.epochs == s.epochs and s1.epochs == math.ceil(s.epochs / 2)
+    assert s1.iterations == s2.iterations == s.iterations  # the same step: the same iterations per epoch
+    assert stage1.design == coarse.design and stage1.foreground_fraction == 0.33 and stage1.cascade is None
+    assert refiner.design.spacing == coarse.target_spacing == (1.0, 1.0, 1.0)
+    assert refiner.design.network == coarse.design.network and refiner.design.median_shape == (140, 170, 140)
+    assert refiner.foreground_fraction == 1.0 and refiner.cascade == {"localiser": "../runs/x", "margin_mm": 6.0}
+    assert s2.val_interval == s2.epochs and s2.validations == 1
+    # the refiner's validation and TTA are costed on the fine grid's windows
+    fine_windows = P.windows_per_case(refiner.design, coarse.overlap)
+    assert s2.validation_seconds == pytest.approx(coarse.val_cases * fine_windows * coarse.timing.forward_seconds)
+    assert refiner.tta == P.tta_rule(refiner.design, coarse.timing, coarse.overlap)[0]
+    budget = coarse.budget.time_budget_min
+    assert stage1.budget.time_budget_min + refiner.budget.time_budget_min == pytest.approx(budget)
+    with pytest.raises(MedsegError, match="nothing for a second stage"):
+        plan_cascade(make_plan(fp, Budget(min_steps=0), flops_timer(0.002)), fp, "../runs/x")
+
+
+def test_plan_cascade_writes_both_stages_and_the_refiner_finds_the_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = _ct_dataset(tmp_path / "data", n=4, shape=(60, 52, 24))
+    out = tmp_path / "pipelines" / "ct.yaml"
+    p = plan(manifest, out, timer=fixed_timer(2.0), min_steps=10_000, progress=False, cascade=True)
+    first, refiner = load_pipeline(out), load_pipeline(tmp_path / "pipelines" / "ct_refiner.yaml")
+    assert p.coarsen_factor > 1 and first.preprocessing.spacing == p.design.spacing and first.cascade.localiser is None
+    assert refiner.name == "ct_refiner" and refiner.preprocessing.spacing == p.target_spacing
+    assert refiner.sampling.patch_size == first.sampling.patch_size and refiner.model.kwargs == first.model.kwargs
+    assert refiner.sampling.foreground_fraction == 1.0 and refiner.cascade.average == ()
+    assert refiner.training.epochs + first.training.epochs >= 2 and refiner.training.val_interval == refiner.training.epochs
+    # the refiner names the run folder the first stage is trained into (runs/ct from the working folder)
+    assert refiner.cascade.localiser == "../runs/ct" and refiner.resolve(refiner.cascade.localiser) == (tmp_path / "runs" / "ct").resolve()
+    assert "stage 1 of 2" in out.read_text()
+
+
 # ---------------------------------------------------------------------------------------------- written pipeline
 def test_written_pipeline_loads_and_equals_the_plan(tmp_path):
     manifest = _ct_dataset(tmp_path / "data", n=4, shape=(50, 43, 21))  # the patch is rounded below the median shape
@@ -473,6 +514,15 @@ def test_cli_plan_measures_the_step_time(tmp_path, capsys):
     assert "epochs x" in capsys.readouterr().out and (tmp_path / "p.fingerprint.json").is_file()
     loaded = load_pipeline(out)
     assert loaded.training.device == "cpu" and "measured" in out.read_text()
+    # --cascade: the plan coarsens (too few steps for --min-steps) and the refiner is written beside it
+    assert main(["plan", str(manifest), "-o", str(tmp_path / "c.yaml"), "--time-budget", "5", "--min-steps", "1000000",
+                 "--cascade", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "c_refiner.yaml: the refiner" in said and "--output runs/c" in said
+    assert load_pipeline(tmp_path / "c_refiner.yaml").cascade.localiser is not None
+    assert main(["plan", str(manifest), "-o", str(tmp_path / "d.yaml"), "--time-budget", "5", "--min-steps", "0",
+                 "--cascade", "--no-progress"]) == 1
+    assert "nothing for a second stage" in capsys.readouterr().err
 
 
 def test_cli_plan_bad_input_is_one_line(tmp_path, capsys):
@@ -530,6 +580,18 @@ def test_shipped_brats_plan_loads():
     assert p.data.manifest == "../data_manifests/brats18_20.csv"
     fp = (ROOT / "pipelines" / "brats_planned.fingerprint.json").read_text()
     assert "/work" not in fp and '"/' not in fp
+
+
+def test_shipped_brats_cascade_is_the_planners_two_stages():
+    first = load_pipeline(ROOT / "pipelines" / "brats_cascade.yaml")
+    refiner = load_pipeline(ROOT / "pipelines" / "brats_cascade_refiner.yaml")
+    assert first.data.manifest == refiner.data.manifest == "../data_manifests/brats18_20.csv"
+    assert first.preprocessing.spacing == (2.0, 2.0, 2.0) and refiner.preprocessing.spacing == (1.0, 1.0, 1.0)
+    assert first.model == refiner.model and first.sampling.patch_size == refiner.sampling.patch_size
+    assert first.training.iterations_per_epoch == refiner.training.iterations_per_epoch
+    assert first.training.epochs == refiner.training.epochs == 5 and refiner.training.val_interval == 5
+    assert refiner.sampling.foreground_fraction == 1.0 and first.cascade.localiser is None
+    assert refiner.resolve(refiner.cascade.localiser) == (ROOT / "runs" / "brats_cascade").resolve()
 
 
 @pytest.mark.slow

@@ -126,8 +126,8 @@ def average_stages(refined: np.ndarray, localised: np.ndarray, channels: Sequenc
 
 
 def choose_average(plain: dict, averaged: dict, per_region: bool = True) -> dict:
-    """Which regions to average: those whose mean out-of-fold Dice (dicts name -> mean Dice, before postprocessing)
-    is higher averaged than refined alone; without regions (``per_region=False``, softmax classes) all classes or
+    """Which regions to average: those whose mean out-of-fold Dice (dicts name -> mean Dice) is higher averaged than
+    refined alone; without regions (``per_region=False``, softmax classes) all classes or
     none, by the mean over classes. Returns ``{"average": [...], "dice_refiner": ..., "dice_averaged": ...}``."""
     if per_region:
         chosen = [n for n in plain if averaged[n] > plain[n]]

@@ -1,6 +1,7 @@
 """``medseg.plan``: fingerprint a manifest, plan within a budget, write the pipeline and the fingerprint JSON."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -20,10 +21,16 @@ def _stem(path: Path) -> str:
     return path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
 
 
+def refiner_path(output: str | Path) -> Path:
+    """``pipelines/NAME.yaml`` -> ``pipelines/NAME_refiner.yaml`` (the second stage of ``medseg plan --cascade``)."""
+    output = Path(output)
+    return output.with_name(f"{_stem(output)}_refiner{output.suffix or '.yaml'}")
+
+
 def plan(manifest: str | Path, output: str | Path, *, device: str = "cpu", memory_gib: float | None = None,
          time_budget_min: float = 20.0, dims: str | int = "auto", modality: str | Sequence[str] | None = None,
          min_steps: int | None = None, name: str | None = None, progress: bool | None = None, timer: Timer | None = None,
-         command: str = "") -> Plan:
+         command: str = "", cascade: bool = False) -> Plan:
     """Plan a pipeline for the labelled cases of ``manifest`` and write it to ``output`` (YAML), with the dataset
     fingerprint beside it (``NAME.fingerprint.json``). Returns the :class:`~medseg.planning.planner.Plan`.
 
@@ -35,6 +42,10 @@ def plan(manifest: str | Path, output: str | Path, *, device: str = "cpu", memor
         min_steps: below this many training steps in the budget, the spacing is coarsened (default
             :data:`~medseg.planning.planner.MIN_STEPS`; docs/planning.md).
         timer: ``timer(network, batch) -> StepTime`` instead of measuring (tests, or planning for another machine).
+        cascade: when the plan had to coarsen the grid, write a two-stage cascade instead
+            (:mod:`medseg.planning.cascade`): ``output`` is the first stage, ``NAME_refiner.yaml`` beside it the
+            second, whose ``cascade.localiser`` is ``runs/NAME`` (relative to the working folder, written relative
+            to the file); the returned plan is the first stage's.
 
     Example:
         >>> import medseg
@@ -66,7 +77,17 @@ def plan(manifest: str | Path, output: str | Path, *, device: str = "cpu", memor
         target, _, out_ch, _ = target_and_scheme(fp)
         timer = step_timer(len(fp.channels), out_ch, target, dev, precision)
     result = make_plan(fp, budget, timer)
+    name = name or _stem(output)
+    refiner = None
+    if cascade:
+        from medseg.planning.cascade import plan_cascade
+
+        folder = output.parent.resolve() if output.parent.exists() else output.parent.absolute()
+        localiser = os.path.relpath((Path("runs") / name).absolute(), folder).replace(os.sep, "/")
+        result, refiner = plan_cascade(result, fp, localiser)
     output.parent.mkdir(parents=True, exist_ok=True)
     fp_file = fp.save(fingerprint_path(output), manifest)
-    write_plan(result, output, manifest, name or _stem(output), fp_file, command)
+    write_plan(result, output, manifest, name, fp_file, command)
+    if refiner is not None:
+        write_plan(refiner, refiner_path(output), manifest, f"{name}_refiner", fp_file, command)
     return result

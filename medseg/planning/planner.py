@@ -139,6 +139,8 @@ class Plan:
     notes: Mapping[str, str] = field(default_factory=dict)
     tta: bool = False  # mirroring test-time augmentation in the plan's inference settings (:func:`tta_rule`)
     deep_supervision: bool = False  # loss on the decoder levels too (:func:`deep_supervision_rule`)
+    foreground_fraction: float = 0.33  # nnU-Net: a third of the patches centred on foreground
+    cascade: Mapping | None = None  # a refiner's cascade section (:mod:`medseg.planning.cascade`)
 
 
 # ---------------------------------------------------------------------------------------------- spacing and shape

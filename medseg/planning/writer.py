@@ -105,13 +105,15 @@ def _sampling_lines(plan: Plan) -> list[str]:
     base, cap = WIDTHS["cpu" if plan.budget.device == "cpu" else "cuda"][dims]
     rounded = build_network(d.median_shape[:dims], d.spacing[:dims], base, cap).patch
     shrunk = "" if tuple(net.patch) == tuple(rounded) else ", shrunk on the axes longest in mm"
-    patch_note = (f"median shape {list(d.median_shape)} at that spacing, multiple of {list(net.divisor)}{shrunk}: "
-                  f"a step needs ~{_gib(d.memory_bytes)} of {_gib(d.available_bytes)}")
+    patch_note = plan.notes.get("patch") or (
+        f"median shape {list(d.median_shape)} at that spacing, multiple of {list(net.divisor)}{shrunk}: "
+        f"a step needs ~{_gib(d.memory_bytes)} of {_gib(d.available_bytes)}")
     batch_note = ("nnU-Net's minimum; CPU: a larger batch only means fewer steps" if plan.budget.device == "cpu"
                   else "2 or more while memory allows, at most 5% of the dataset's voxels (nnU-Net)")
     return [_line(0, "sampling", section=True), _line(2, "patch_size", net.patch, patch_note),
             _line(2, "batch_size", d.batch, batch_note), _line(2, "sampler", "foreground"),
-            _line(2, "foreground_fraction", 0.33, "nnU-Net: a third of the patches centred on foreground")]
+            _line(2, "foreground_fraction", plan.foreground_fraction,
+                  plan.notes.get("foreground_fraction", "nnU-Net: a third of the patches centred on foreground"))]
 
 
 def _training_lines(plan: Plan) -> list[str]:
@@ -121,10 +123,10 @@ def _training_lines(plan: Plan) -> list[str]:
     epochs_note = (f"{s.epochs} x {s.iterations} steps of {step:.2f} s{data} fill {b.time_budget_min:g} min less "
                    f"{s.startup_seconds:.0f} s loading and {s.validations} validation(s) of {s.validation_seconds:.0f} s")
     amp = {"fp32": "off"}.get(b.precision, b.precision)
-    return [_line(0, "training", section=True), _line(2, "epochs", s.epochs, epochs_note),
+    return [_line(0, "training", section=True), _line(2, "epochs", s.epochs, plan.notes.get("epochs", epochs_note)),
             _line(2, "iterations_per_epoch", s.iterations, f"nnU-Net's 250, fewer to give >= {MIN_EPOCHS} epochs"),
-            _line(2, "val_interval", s.val_interval, f"validation in at most {VALIDATION_SHARE:.0%} of the budget, "
-                  "the final epoch always"),
+            _line(2, "val_interval", s.val_interval, plan.notes.get("val_interval", f"validation in at most "
+                  f"{VALIDATION_SHARE:.0%} of the budget, the final epoch always")),
             _line(2, "amp", amp, f"the precision the step time was measured in ({t.note})"),
             _line(2, "grad_clip", 12.0, "nnU-Net"), _line(2, "device", b.device),
             _line(2, "model_selection", "final", "the last epoch of the poly schedule (docs/training.md: model choice)")]
@@ -137,6 +139,8 @@ def plan_yaml(plan: Plan, name: str, manifest: str, fingerprint: str, command: s
               f"# for {plan.budget.device} with {plan.budget.memory_bytes / 2**30:g} GiB and {plan.budget.time_budget_min:g} min. "
               f"Fingerprint: {fingerprint}.",
               "# An ordinary pipeline file: each planned value says where it came from; edit freely."]
+    if "cascade" in plan.notes:
+        header.append(f"# Cascade (docs/training.md), {plan.notes['cascade']}.")
     if command:
         header.append(f"#   {command}")
     lines = header + [_line(0, "name", name), _line(0, "seed", 0)]
@@ -154,6 +158,13 @@ def plan_yaml(plan: Plan, name: str, manifest: str, fingerprint: str, command: s
     lines += [_line(0, "inference", section=True), _line(2, "roi_size", plan.design.network.patch, f"the patch ({windows})"),
               _line(2, "overlap", plan.overlap, "nnU-Net's 0.5 on a GPU; 0.25 on a CPU evaluates 1.8x instead of 4.2x the voxels"),
               _line(2, "blend", "gaussian", "nnU-Net"), _line(2, "sw_batch_size", 2), _line(2, "tta", plan.tta, plan.notes.get("tta", ""))]
+    if plan.cascade is not None:
+        lines += [_line(0, "cascade", section=True, comment="medseg.inference.cascade"),
+                  _line(2, "localiser", plan.cascade["localiser"], "the first stage's run folder, relative to this file "
+                        "(a CV folder: fold K's refiner is localised by its fold K)"),
+                  _line(2, "margin_mm", plan.cascade["margin_mm"], "the output is kept within this distance of the "
+                        "first stage's foreground"),
+                  _line(2, "average", [], "regions averaged with the first stage: chosen by this run's cross-validation")]
     return "\n".join(lines) + "\n"
 
 

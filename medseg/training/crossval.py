@@ -11,8 +11,9 @@ the cases of fold k and trains on the others), then:
 3. writes ``RUN/cv/report`` (``medseg evaluate`` over all out-of-fold cases, postprocessed: one report for all folds).
 
 For a cascade's refiner (:mod:`medseg.inference.cascade`) step 1 runs twice, refiner alone and averaged with the
-localiser, and the regions whose mean Dice the average raises are averaged from then on (``localiser_average`` in
-``RUN/postprocessing.json``); the postprocessing is chosen after that, on the composed predictions.
+localiser; the regions whose mean Dice (each variant after the postprocessing step 2 chooses for it) the average
+raises are averaged from then on (``localiser_average`` in ``RUN/postprocessing.json``), and step 2 runs again on the
+predictions composed from that choice.
 
 The postprocessing is chosen and scored on the same out-of-fold cases, so its gain is slightly optimistic (it is two
 or three discrete choices, not a fit).
@@ -107,16 +108,16 @@ def cascade_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int],
                         progress: bool) -> tuple[Path, dict]:
     """A cascade's out-of-fold predictions with the regions averaged with the localiser chosen on them
     (:mod:`medseg.inference.cascade`): every case predicted by the refiner alone and with all regions (or classes)
-    averaged, then each region taken from the variant with the higher mean Dice. Returns the folder of the composed
-    predictions and the choice."""
+    averaged, then each region taken from the variant with the higher mean Dice, each variant scored after the
+    postprocessing chosen for it. Returns the folder of the composed predictions and the choice."""
     from medseg.inference.cascade import choose_average, compose
 
     names = list(scheme.regions) or [n for n in scheme.labels if scheme.labels[n] != 0]
     plain = out_of_fold_predictions(run_dir, manifest, folds, progress, "predictions_refiner", localiser_average=[])
     averaged = out_of_fold_predictions(run_dir, manifest, folds, progress, "predictions_averaged", localiser_average=names)
-    base = PostprocessSettings()
-    choice = choose_average(mean_dice(_load_pairs(plain, manifest, scheme), scheme, base),
-                            mean_dice(_load_pairs(averaged, manifest, scheme), scheme, base), per_region=bool(scheme.regions))
+    # each variant scored after the postprocessing the CV would choose for it: what predict would give
+    scores = [choose_postprocessing(_load_pairs(folder, manifest, scheme), scheme)["dice_after"] for folder in (plain, averaged)]
+    choice = choose_average(*scores, per_region=bool(scheme.regions))
     out = run_dir / "cv" / "predictions"
     other = prediction_paths(averaged, manifest)
     for case_id, path in prediction_paths(plain, manifest).items():
