@@ -32,11 +32,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from medseg.errors import MedsegError
+
+if TYPE_CHECKING:  # the predictor imports this module
+    from medseg.inference.predictor import Predictor
 
 
 @dataclass(frozen=True)
@@ -146,3 +149,65 @@ def compose(refined: np.ndarray, averaged: np.ndarray, scheme, chosen: Sequence[
     a, b = scheme.to_regions(refined), scheme.to_regions(averaged)
     masks = np.stack([b[i] if name in chosen else a[i] for i, name in enumerate(scheme.regions)])
     return scheme.from_regions(masks).astype(refined.dtype, copy=False)
+
+
+def cascade_options(overrides: dict, chosen: dict, inference: dict) -> tuple[Optional[str], float, tuple[str, ...]]:
+    """(localiser, margin_mm, average) of a refiner, popped from a prediction's ``overrides`` (``localiser``,
+    ``localiser_margin_mm``, ``localiser_average``) and from the CV's ``chosen`` postprocessing, else the
+    checkpoint's ``inference`` dict, else the defaults; in that order of precedence."""
+    localiser = overrides.pop("localiser", None) or inference.get("localiser")
+    margin = overrides.pop("localiser_margin_mm", None)
+    average = overrides.pop("localiser_average", None)
+    chosen_average = chosen.pop("localiser_average", None)
+    if margin is None:
+        margin = inference.get("localiser_margin_mm", CascadeSettings.margin_mm)
+    if average is None:
+        average = inference.get("localiser_average", ()) if chosen_average is None else chosen_average
+    return localiser, float(margin), tuple(average or ())
+
+
+@dataclass
+class FirstStage:
+    """A refiner's localiser (a :class:`~medseg.inference.predictor.Predictor`), its margin and the probability
+    channels averaged with it."""
+
+    localiser: "Predictor"
+    margin_mm: float
+    channels: tuple[int, ...] = ()
+
+    @classmethod
+    def attach(cls, refiner: "Predictor", localiser: "Predictor", margin_mm: float, average: Sequence[str] = ()) -> "FirstStage":
+        """The first stage of ``refiner``, checked: same channels and dims, a semantic refiner, and for averaging
+        the same target and label scheme."""
+        ref, loc = refiner.loaded, localiser.loaded
+        if loc.channels != ref.channels:
+            raise MedsegError(f"localiser {loc.path} reads channels {list(loc.channels)}, the model {list(ref.channels)}; "
+                              "a cascade's two stages read the same scan")
+        if refiner.segmenter.instance_model:
+            raise MedsegError(f"{ref.path} is an instance model; a cascade refines a semantic model's probabilities")
+        if loc.spatial_dims != ref.spatial_dims:
+            raise MedsegError(f"localiser {loc.path} is {loc.spatial_dims}D, the model {ref.spatial_dims}D; a cascade's "
+                              "two stages must match")
+        settings = CascadeSettings(margin_mm=margin_mm, average=tuple(average or ()))
+        if settings.average and (loc.target != ref.target or loc.scheme.to_dict() != ref.scheme.to_dict()):
+            raise MedsegError(f"cascade average {list(settings.average)}: localiser {loc.path} predicts {loc.target} of "
+                              f"scheme '{loc.scheme.name}', the model {ref.target} of '{ref.scheme.name}'; only the same "
+                              "outputs can be averaged")
+        channels = average_channels(settings.average, ref.scheme, ref.target, refiner.segmenter.out_channels)
+        localiser.probabilities = localiser.probabilities or bool(channels)
+        return cls(localiser, float(settings.margin_mm), tuple(channels))
+
+    def region(self, images) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Run the localiser on one scan's channels: the region within the margin of its foreground on the grid of
+        ``images[0]``, and its ``(K, *spatial)`` probabilities there when channels are averaged (else None)."""
+        found = self.localiser.predict_volumes(images)
+        region = region_of(found.labels.array, images[0].spacing, self.margin_mm)
+        probs = np.moveaxis(np.asarray(found.probabilities.array), -1, 0) if self.channels else None
+        return region, probs
+
+    def refine(self, probabilities: np.ndarray, localised: Optional[np.ndarray], region: np.ndarray, target: str) -> np.ndarray:
+        """The refiner's ``(K, *spatial)`` probabilities averaged with the localiser's where chosen, then background
+        outside the region."""
+        if self.channels and localised is not None:
+            probabilities = average_stages(probabilities, localised, self.channels)
+        return restrict(probabilities, region, target)

@@ -29,7 +29,7 @@ from medseg.data.manifest import check_case_id
 from medseg.data.preprocess import Prepared, Preprocessing
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError, ValidationError
-from medseg.inference.cascade import CascadeSettings, average_channels, average_stages, localiser_for_fold, region_of, restrict
+from medseg.inference.cascade import FirstStage, cascade_options, localiser_for_fold, restrict
 from medseg.inference.engine import (InferenceSettings, autocast_dtype, channels_last_format, resolve_device,
                                      sliding_window)
 from medseg.inference.inputs import CaseInput, resolve_inputs
@@ -159,49 +159,19 @@ class Predictor:
         :mod:`medseg.training.crossval`); ``overrides`` (non-None) take precedence over both."""
         members = [load_model(path) for path in find_members(run_or_file)]
         chosen = chosen_postprocessing(run_or_file) if len(members) > 1 else {}
-        localiser = overrides.pop("localiser", None) or members[0].inference.get("localiser")
-        margin = overrides.pop("localiser_margin_mm", None)
-        average = overrides.pop("localiser_average", None)
-        chosen_average = chosen.pop("localiser_average", None)
-        if average is None:
-            average = members[0].inference.get("localiser_average", ()) if chosen_average is None else chosen_average
+        localiser, margin, average = cascade_options(overrides, chosen, members[0].inference)
         infer, post = settings_for(members[0], {**chosen, **{k: v for k, v in overrides.items() if v is not None}})
         predictor = cls(members, infer, post, probabilities)
         if localiser:
-            fold = members[0].fold if len(members) == 1 else None
-            margin = members[0].inference.get("localiser_margin_mm", CascadeSettings.margin_mm) if margin is None else margin
             if not Path(localiser).exists():
                 raise MedsegError(f"{run_or_file}: its first stage (cascade.localiser) {localiser} does not exist; train it "
                                   "first (docs/training.md, Cascade) or give --localiser RUN")
-            predictor.localise_with(cls.from_checkpoint(localiser_for_fold(localiser, fold), device=infer.device,
-                                                        amp=infer.amp), margin, average)
+            first = cls.from_checkpoint(localiser_for_fold(localiser, members[0].fold if len(members) == 1 else None),
+                                        device=infer.device, amp=infer.amp)
+            predictor.first_stage = FirstStage.attach(predictor, first, margin, average)
         return predictor
 
-    localiser: "Predictor | None" = None  # a cascade's first stage (localise_with)
-    localiser_margin_mm: float = 0.0
-    localiser_average: tuple[int, ...] = ()  # probability channels averaged with the localiser's
-
-    def localise_with(self, localiser: "Predictor", margin_mm: float, average: Sequence[str] = ()) -> None:
-        """Keep this model's output within ``margin_mm`` of ``localiser``'s foreground, and average the probabilities
-        of the regions (or classes) named in ``average`` with the localiser's (:mod:`medseg.inference.cascade`)."""
-        if localiser.loaded.channels != self.loaded.channels:
-            raise MedsegError(f"localiser {localiser.loaded.path} reads channels {list(localiser.loaded.channels)}, the model "
-                              f"{list(self.loaded.channels)}; a cascade's two stages read the same scan")
-        if self.segmenter.instance_model:
-            raise MedsegError(f"{self.loaded.path} is an instance model; a cascade refines a semantic model's probabilities")
-        if localiser.loaded.spatial_dims != self.loaded.spatial_dims:
-            raise MedsegError(f"localiser {localiser.loaded.path} is {localiser.loaded.spatial_dims}D, the model "
-                              f"{self.loaded.spatial_dims}D; a cascade's two stages must match")
-        settings = CascadeSettings(margin_mm=margin_mm, average=tuple(average or ()))
-        if settings.average and (localiser.loaded.target != self.loaded.target
-                                 or localiser.loaded.scheme.to_dict() != self.loaded.scheme.to_dict()):
-            raise MedsegError(f"cascade average {list(settings.average)}: localiser {localiser.loaded.path} predicts "
-                              f"{localiser.loaded.target} of scheme '{localiser.loaded.scheme.name}', the model "
-                              f"{self.loaded.target} of '{self.loaded.scheme.name}'; only the same outputs can be averaged")
-        channels = average_channels(settings.average, self.loaded.scheme, self.loaded.target, self.segmenter.out_channels)
-        localiser.probabilities = localiser.probabilities or bool(channels)
-        self.localiser, self.localiser_margin_mm = localiser, float(settings.margin_mm)
-        self.localiser_average = tuple(channels)
+    first_stage: FirstStage | None = None  # a cascade's localiser (medseg.inference.cascade)
 
     nan_policy = "error"  # NaN/infinite input voxels: "error", or "zero" (set to 0 with a warning); predict(nan_policy=...)
 
@@ -216,20 +186,17 @@ class Predictor:
         where = [f"channel {name} {_source(vol)}" for name, vol in zip(channels, images)]
         images = check_images(images, channels, where, nan_policy=self.nan_policy)
         first = images[0]
-        region = None
-        if self.localiser is not None:  # a cascade: the refiner's output only where the first stage found the object
-            stage1 = self.localiser.predict_volumes(images)
-            region = region_of(stage1.labels.array, first.spacing, self.localiser_margin_mm)
+        region = localised = None
+        if self.first_stage is not None:  # a cascade: the refiner's output only where the first stage found the object
+            region, localised = self.first_stage.region(images)
         prep = self.loaded.preprocessing.apply(list(images), masks=None if region is None else region[None])
         if self.segmenter.instance_model and (self.instances is None or self.instances.method in ("auto", "model")):
             return self._predict_objects(images, prep)
         if region is None:
             full = self.segmenter.probabilities(prep.image, prep)
         elif region.any():  # windows only over the region (on the refiner's grid), exact restriction on the scan's
-            full = self.segmenter.probabilities(prep.image, prep, mask=prep.masks[0] > 0)
-            if self.localiser_average:
-                full = average_stages(full, np.moveaxis(np.asarray(stage1.probabilities.array), -1, 0), self.localiser_average)
-            full = restrict(full, region, self.loaded.target)
+            full = self.first_stage.refine(self.segmenter.probabilities(prep.image, prep, mask=prep.masks[0] > 0),
+                                           localised, region, self.loaded.target)
         else:  # the localiser found nothing: nothing to refine
             k = self.segmenter.out_channels
             full = restrict(np.zeros((k, *region.shape), np.float32), region, self.loaded.target)
