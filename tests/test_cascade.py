@@ -158,7 +158,7 @@ def test_stages_reading_other_channels_are_refused(tmp_path, scan):
         Predictor.from_checkpoint(refiner)
 
 
-def test_the_pipelines_cascade_section_reaches_the_checkpoint(tmp_path):
+def test_the_pipelines_cascade_section_reaches_the_checkpoint(tmp_path, capsys):
     from medseg.training.config import load_pipeline
     from medseg.training.trainer import train
 
@@ -173,6 +173,8 @@ def test_the_pipelines_cascade_section_reaches_the_checkpoint(tmp_path):
     p = load_pipeline(path)
     assert p.cascade.margin_mm == 5.0
     train(p, run_dir=tmp_path / "run", progress=False)
+    # validation goes through the localiser (test below); before the first stage is trained it says it cannot
+    assert "validation scores the refiner alone" in capsys.readouterr().err
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert Path(ckpt["inference"]["localiser"]) == (tmp_path / "runs" / "first_stage").resolve()
     assert ckpt["inference"]["localiser_margin_mm"] == 5.0 and ckpt["inference"]["localiser_average"] == ["WT"]
@@ -270,3 +272,36 @@ def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predic
     inside = p_ref[..., 0] > 0
     np.testing.assert_allclose(p_ens[inside][:, 1:], 0.5 * (p_ref[inside] + p_loc[inside])[:, 1:], atol=1e-5)
     np.testing.assert_allclose(p_ens[inside][:, 0], p_ref[inside][:, 0], atol=1e-6)
+
+
+def test_a_refiners_validation_is_kept_within_its_localisers_region(tmp_path, scan):
+    from medseg.data.dataset import CaseData
+    from medseg.data.manifest import Case
+    from medseg.data.preprocess import Preprocessing
+    from medseg.inference.predictor import InferenceSettings, Segmenter
+    from medseg.training.config import parse_pipeline
+    from medseg.training.validation import ValidationCase, case_dice, localised
+
+    checkpoint(tmp_path / "loc_cv" / "fold_1", "bright", fold=1)
+    checkpoint(tmp_path / "loc_cv" / "fold_0", "nothing", fold=0)
+    vols = [read_volume(f) for f in scan]
+    prep = Preprocessing().apply(vols)
+    blob = np.zeros(vols[0].shape, np.uint8)
+    blob[20:25, 10:14, 6:8] = 4  # enhancing tumour exactly where the localiser finds it
+    case = ValidationCase(CaseData("case", prep.image, None, {}, prep), blob, tuple(vols[0].spacing))
+    manifest_case = Case("case", dict(zip(["flair", "t1", "t1ce", "t2"], scan)))
+    base = {"data": {"synthetic": {"cases": 2}, "val_fold": 1}, "model": {"name": "unet", "spatial_dims": 3},
+            "sampling": {"patch_size": [16, 16, 8]}}
+    p = parse_pipeline({**base, "cascade": {"localiser": str(tmp_path / "loc_cv"), "margin_mm": 0.0}})
+    [inside] = localised([case], [manifest_case], p)  # fold 1's localiser: the bright blob
+    np.testing.assert_array_equal(inside.region, blob != 0)
+    settings = InferenceSettings(roi_size=(16, 16, 8), overlap=0.25, sw_batch_size=4, tta=False, amp="off")
+    segmenter = Segmenter((Constant("everything"),), Preprocessing(), get_scheme("brats"), "regions", settings)
+    assert case_dice(segmenter, inside) == {"WT": 1.0, "TC": 1.0, "ET": 1.0}  # within the region: exactly the blob
+    assert case_dice(segmenter, case)["ET"] < 0.02  # alone: every region over the whole image (40 of 16,800 voxels)
+    # fold 0's localiser finds nothing: nothing is kept; without a trained localiser, the refiner alone (a warning)
+    p0 = parse_pipeline({**base, "data": {**base["data"], "val_fold": 0}, "cascade": {"localiser": str(tmp_path / "loc_cv")}})
+    assert not localised([case], [manifest_case], p0)[0].region.any()
+    missing = parse_pipeline({**base, "cascade": {"localiser": str(tmp_path / "not_trained")}})
+    assert localised([case], [manifest_case], missing)[0].region is None
+    assert localised([case], [manifest_case], parse_pipeline(base))[0].region is None

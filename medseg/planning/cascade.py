@@ -10,8 +10,8 @@ and thin structures are lost on the coarse grid. nnU-Net then adds a cascade. Th
   its step costs what the plan's step costs, so the plan's iterations hold; the patch covers a smaller field of view,
   which is why every refiner patch is centred on the object (``foreground_fraction: 1.0``) and its output is kept
   within ``margin_mm`` of the localiser's foreground;
-- **the refiner validates once, at its last epoch**: its windows on the fine grid cost 8x (3D) the coarse ones, and
-  its validation Dice scores it alone over the whole image (docs/training.md, Cascade);
+- **the refiner validates once, at its last epoch**: its windows on the fine grid cost 8x (3D) the coarse ones, over
+  the whole image (docs/training.md, Cascade);
 - **TTA by the plan's rule on the fine grid**: mirroring while its passes over a median case take at most
   :data:`~medseg.planning.planner.TTA_MAX_SECONDS`;
 - the margin is :class:`medseg.inference.cascade.CascadeSettings`' default (6 mm, looked at on one BraTS fold);
@@ -77,8 +77,8 @@ def plan_cascade(plan: Plan, fp: Fingerprint, localiser: str) -> tuple[Plan, Pla
              "foreground_fraction": "every patch centred on the object: the output is kept near the first stage's",
              "epochs": f"{second} of the plan's {s.epochs} epochs x {s.iterations} steps, {budget2.time_budget_min:.1f} of "
                        f"{plan.budget.time_budget_min:g} min (the first stage has the other {first})",
-             "val_interval": "once, at the end: windows on the fine grid cost more, and the validation Dice scores the "
-                             "refiner alone over the whole image (docs/training.md, Cascade)",
+             "val_interval": "once, at the end: windows over the whole image on the fine grid cost more "
+                             "(docs/training.md, Cascade)",
              "cascade": f"stage 2 of 2: kept within {margin:g} mm of the first stage's foreground (medseg default)"}
     refiner = _with_steps(replace(plan, budget=budget2, coarsen_factor=1.0, design=design, tta=tta, notes=notes,
                                   schedule=Schedule(second, s.iterations, second, 1, one_val, step_share * second,

@@ -38,7 +38,7 @@ from medseg.training.config import Pipeline
 from medseg.training.distributed import DistInfo, barrier, init_distributed
 from medseg.training.optim import build_optimizer
 from medseg.training.steps import ModelStep
-from medseg.training.validation import ValidationCase, validation_cases
+from medseg.training.validation import ValidationCase, localised, validation_cases
 
 MACHINE_SETTINGS = ("device", "amp", "channels_last")  # inference settings that belong to the predicting machine
 
@@ -130,6 +130,7 @@ class Run:
         train_cases = [cache[c.id] for c in train_m.cases]
         setup.check_patch_size(p, {c.id: c for c in train_cases})
         val = validation_cases([cache[c.id] for c in val_m.cases], val_m.cases, scheme) if info.is_main else []
+        val = localised(val, val_m.cases, p)  # a cascade's refiner: validated within its localiser's region
         length = p.training.iterations_per_epoch * p.sampling.batch_size // info.world_size
         dataset = setup.PatchDataset(train_cases, p, scheme, length, info.rank, info.world_size)
         run = cls(p, options, info, precision, run_dir, scheme, channels, step, loss,

@@ -5,6 +5,10 @@ window with the pipeline's inference settings, probabilities inverted onto the s
 postprocessing) and compared with its original label map on that grid by :func:`medseg.evaluation.compute_metrics`
 (Dice only: surface distances are left to ``medseg evaluate``). So the numbers in ``metrics.csv`` are the Dice
 that ``medseg predict`` + ``medseg evaluate`` give for the same model.
+
+A cascade's refiner (a pipeline with ``cascade.localiser``) is validated as ``medseg predict`` runs it: its output is
+kept within the margin of the localiser's foreground (:func:`localised`; the localiser's fold for a CV fold), once
+the localiser exists; the regions averaged with the localiser (chosen later, by the CV) are not averaged here.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from medseg.data.dataset import CaseData
 from medseg.data.io import read_label
 from medseg.data.labels import LabelScheme
 from medseg.data.manifest import Case
+from medseg.errors import MedsegError
 from medseg.evaluation.metrics import MetricSettings, compute_metrics
 from medseg.inference.predictor import Segmenter
 from medseg.runtime import Precision
@@ -31,6 +36,7 @@ class ValidationCase:
     data: CaseData
     label: np.ndarray
     spacing: tuple[float, ...]
+    region: np.ndarray | None = None  # a cascade's: the output is kept within it (the label's grid)
 
 
 def validation_cases(prepared: Sequence[CaseData], cases: Sequence[Case], scheme: LabelScheme | None = None) -> list[ValidationCase]:
@@ -47,6 +53,34 @@ def validation_cases(prepared: Sequence[CaseData], cases: Sequence[Case], scheme
     return out
 
 
+def localised(cases: Sequence[ValidationCase], manifest_cases: Sequence[Case], p: Pipeline) -> list[ValidationCase]:
+    """``cases`` with the region of a cascade's localiser (module doc), or unchanged, with a warning, when the
+    pipeline's localiser has not been trained yet."""
+    from medseg.data.checks import warn
+    from medseg.data.io import read_volume
+    from medseg.inference.cascade import localiser_for_fold, region_of
+    from medseg.inference.predictor import Predictor
+
+    if not cases or not p.cascade.localiser:
+        return list(cases)
+    path = p.resolve(p.cascade.localiser)
+    if not path.exists():
+        warn([f"cascade.localiser {path} does not exist yet: validation scores the refiner alone over the whole image "
+              "(far below what medseg predict gives once the first stage is trained)"])
+        return list(cases)
+    localiser = Predictor.from_checkpoint(localiser_for_fold(path, p.data.val_fold), device=p.training.device)
+    by_id = {c.id: c for c in manifest_cases}
+    out = []
+    for case in cases:
+        images = by_id[case.data.id].images
+        missing = [ch for ch in localiser.loaded.channels if ch not in images]
+        if missing:
+            raise MedsegError(f"cascade.localiser {path} reads channel(s) {missing} that case {case.data.id} lacks")
+        found = localiser.predict_volumes([read_volume(images[ch]) for ch in localiser.loaded.channels]).labels
+        out.append(replace(case, region=region_of(found.array, found.spacing, p.cascade.margin_mm)))
+    return out
+
+
 def segmenter_for(model: torch.nn.Module, p: Pipeline, scheme: LabelScheme, precision: Precision) -> Segmenter:
     """The inference core for ``model`` with the pipeline's settings, in the training's precision, without TTA."""
     settings = replace(p.inference, roi_size=p.roi_size, tta=False, amp=_amp_name(precision),
@@ -60,7 +94,12 @@ def _amp_name(precision: Precision) -> str:
 
 def case_dice(segmenter: Segmenter, case: ValidationCase) -> dict[str, float]:
     """Dice per region (schemes with regions) or per class of one case, on the scan's own grid."""
-    labels = segmenter.labels(segmenter.probabilities(case.data.image, case.data.geometry))
+    probabilities = segmenter.probabilities(case.data.image, case.data.geometry)
+    if case.region is not None:
+        from medseg.inference.cascade import restrict
+
+        probabilities = restrict(probabilities, case.region, segmenter.target)
+    labels = segmenter.labels(probabilities)
     which, kind = ("regions", "region") if segmenter.scheme.regions else ("classes", "class")
     table = compute_metrics(labels, case.label, case.spacing, segmenter.scheme, MetricSettings(distances=False, targets=(which,)))
     rows = table[table["kind"] == kind]
