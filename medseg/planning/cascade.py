@@ -29,8 +29,8 @@ from dataclasses import replace
 from medseg.errors import MedsegError
 from medseg.inference.cascade import CascadeSettings
 from medseg.planning.fingerprint import Fingerprint
-from medseg.planning.planner import (Design, Plan, Schedule, deep_supervision_rule, median_shape, optimizer_for, tta_rule,
-                                     windows_per_case)
+from medseg.planning.planner import (Design, Plan, Schedule, deep_supervision_rule, median_shape, optimizer_for,
+                                     target_spacing, tta_rule, windows_per_case)
 
 REFINER_FOREGROUND_FRACTION = 1.0
 
@@ -62,8 +62,8 @@ def plan_cascade(plan: Plan, fp: Fingerprint, localiser: str) -> tuple[Plan, Pla
         notes={**plan.notes, "cascade": f"stage 1 of 2: {first} of the plan's {s.epochs} epochs (the refiner has the "
                                         f"other {second})"}))
 
-    fine = plan.target_spacing
-    shape = plan.layout.permute(median_shape(fp.spacings, fp.shapes, _ras(plan, fine)))
+    fine_ras = target_spacing(fp.spacings)[0]  # the planner's rule, on the fingerprint's RAS axes
+    fine, shape = plan.layout.permute(fine_ras), plan.layout.permute(median_shape(fp.spacings, fp.shapes, fine_ras))
     design = Design(fine, shape, plan.design.network, plan.design.batch, plan.design.memory_bytes, plan.design.available_bytes)
     one_val = plan.val_cases * windows_per_case(design, plan.overlap) * plan.timing.forward_seconds
     tta, tta_note = tta_rule(design, plan.timing, plan.overlap)
@@ -96,10 +96,3 @@ def _with_steps(stage: Plan) -> Plan:
     return replace(stage, optimizer=optimizer, deep_supervision=supervised,
                    notes={**stage.notes, "optimizer": optimizer_note, "deep_supervision": supervision_note})
 
-
-def _ras(plan: Plan, values) -> tuple[float, ...]:
-    """Per-axis values in the prepared order back to RAS order (the fingerprint's)."""
-    out = [0.0] * len(values)
-    for position, axis in enumerate(plan.layout.order):
-        out[axis] = values[position]
-    return tuple(out)

@@ -58,7 +58,7 @@ def localised(cases: Sequence[ValidationCase], manifest_cases: Sequence[Case], p
     pipeline's localiser has not been trained yet."""
     from medseg.data.checks import warn
     from medseg.data.io import read_volume
-    from medseg.inference.cascade import localiser_for_fold, region_of
+    from medseg.inference.cascade import FirstStage, localiser_for_fold
     from medseg.inference.predictor import Predictor
 
     if not cases or not p.cascade.localiser:
@@ -68,16 +68,18 @@ def localised(cases: Sequence[ValidationCase], manifest_cases: Sequence[Case], p
         warn([f"cascade.localiser {path} does not exist yet: validation scores the refiner alone over the whole image "
               "(far below what medseg predict gives once the first stage is trained)"])
         return list(cases)
-    localiser = Predictor.from_checkpoint(localiser_for_fold(path, p.data.val_fold), device=p.training.device)
+    stage = FirstStage(Predictor.from_checkpoint(localiser_for_fold(path, p.data.val_fold), device=p.training.device),
+                       p.cascade.margin_mm)
+    channels = stage.localiser.loaded.channels
     by_id = {c.id: c for c in manifest_cases}
     out = []
     for case in cases:
         images = by_id[case.data.id].images
-        missing = [ch for ch in localiser.loaded.channels if ch not in images]
+        missing = [ch for ch in channels if ch not in images]
         if missing:
             raise MedsegError(f"cascade.localiser {path} reads channel(s) {missing} that case {case.data.id} lacks")
-        found = localiser.predict_volumes([read_volume(images[ch]) for ch in localiser.loaded.channels]).labels
-        out.append(replace(case, region=region_of(found.array, found.spacing, p.cascade.margin_mm)))
+        region, _ = stage.region([read_volume(images[ch]) for ch in channels])
+        out.append(replace(case, region=region))
     return out
 
 
