@@ -209,17 +209,29 @@ def test_2d_images_train_predict_png_of_input_size_and_evaluate(tmp_path):
     assert len(dice) == 10 and dice.mean() > 0.7  # red discs on green: learnt in a minute
 
 
-def test_a_2d_array_nifti_is_refused_with_the_fix_not_a_traceback(tmp_path):
+def test_a_2d_array_nifti_is_read_as_one_slice_and_an_nrrd_plane_refused_with_the_fix(tmp_path):
     import nibabel as nib
 
     from medseg.data.dataset import load_case
+    from medseg.data.io import read_volume, write_volume
     from medseg.data.manifest import Case
     from medseg.data.preprocess import Preprocessing
 
-    nib.save(nib.Nifti1Image(np.zeros((12, 10), np.float32), np.eye(4)), tmp_path / "flat.nii.gz")
-    nib.save(nib.Nifti1Image(np.zeros((12, 10, 1), np.uint8), np.eye(4)), tmp_path / "seg.nii.gz")
+    image = np.arange(120, dtype=np.float32).reshape(12, 10)
+    nib.save(nib.Nifti1Image(image, np.diag([0.5, 0.8, 3.0, 1.0])), tmp_path / "flat.nii.gz")
+    nib.save(nib.Nifti1Image((image > 60).astype(np.uint8), np.diag([0.5, 0.8, 3.0, 1.0])), tmp_path / "seg.nii.gz")
+    vol = read_volume(tmp_path / "flat.nii.gz")
+    assert vol.shape == (12, 10, 1) and vol.meta["plane"] and vol.spacing[:2] == pytest.approx((0.5, 0.8))
+    np.testing.assert_array_equal(vol.array[:, :, 0], image)
     case = Case("flat", {"image": str(tmp_path / "flat.nii.gz")}, str(tmp_path / "seg.nii.gz"))
-    with pytest.raises(MedsegError, match=r"flat.nii.gz: a 2D array of shape \(12, 10\).*\(X, Y, 1\)"):
-        load_case(case, Preprocessing(crop_foreground=False), get_scheme("binary"))
-    nib.save(nib.Nifti1Image(np.zeros((12, 10, 1), np.float32), np.eye(4)), tmp_path / "flat.nii.gz")
-    assert load_case(case, Preprocessing(crop_foreground=False), get_scheme("binary")).image.shape == (1, 12, 10, 1)
+    loaded = load_case(case, Preprocessing(crop_foreground=False), get_scheme("binary"))
+    assert loaded.image.shape == (1, 12, 10, 1) and int(loaded.label.sum()) == int((image > 60).sum())
+    written = write_volume(vol.with_array((vol.array > 60).astype(np.uint8)), tmp_path / "out.nii.gz")
+    assert nib.load(str(written)).shape == (12, 10)  # written back as it came
+    pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "flat.nrrd"))
+    nrrd = Case("nrrd", {"image": str(tmp_path / "flat.nrrd")}, str(tmp_path / "seg.nii.gz"))
+    with pytest.raises(MedsegError, match=r"flat.nrrd: a 2D array of shape \(10, 12\).*\(X, Y, 1\)"):
+        load_case(nrrd, Preprocessing(crop_foreground=False), get_scheme("binary"))

@@ -222,6 +222,23 @@ def test_2d_model_predicts_volume(synth, tmp_path):
     assert_same_geometry(out, read_volume(synth["files"][0]))
 
 
+def test_a_2d_nifti_scan_gets_a_2d_nifti_prediction_on_its_grid(synth, tmp_path):
+    import nibabel as nib
+
+    affine = np.array([[0, -0.7, 0, 12.0], [0.5, 0, 0, -3.0], [0, 0, 2.0, 40.0], [0, 0, 0, 1]])
+    files = []
+    for f in synth["files"]:  # each channel's middle axial plane saved as a 2D array, on a rotated grid
+        array = np.asarray(nib.load(str(f)).dataobj)
+        files.append(tmp_path / Path(f).name)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(array[:, :, array.shape[2] // 2]), affine), files[-1])
+    ckpt = make_checkpoint(tmp_path / "m2d.pt", roi=(32, 32), spatial_dims=2)
+    out = P.predict(ckpt, files, tmp_path / "out", case_id="plane")[0]
+    written = nib.load(str(out))
+    assert written.shape == nib.load(str(files[0])).shape == (40, 36)  # 2D in, 2D out
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    assert read_volume(out).shape == read_volume(files[0]).shape == (*written.shape, 1)
+
+
 # ---------------------------------------------------------------- postprocessing
 def test_postprocessing_rules():
     brats = get_scheme("brats")

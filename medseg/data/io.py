@@ -81,7 +81,8 @@ def read_volume(path: str | Path | ImageRef, *, dtype: np.dtype | None = None) -
     """Read a NIfTI, NRRD, MHA or DICOM-series volume with its affine, or a 2D image (PNG, JPEG, BMP, TIFF, GIF).
 
     A 2D image is a volume one voxel thick with an identity affine: ``(W, H, 1)`` grey, ``(W, H, 1, 3)`` colour
-    (see :func:`~medseg.data.images2d.read_image_2d`).
+    (see :func:`~medseg.data.images2d.read_image_2d`). A NIfTI holding a 2D array is read as one slice ``(X, Y, 1)``
+    with its own affine and ``meta["plane"]``, and :func:`write_volume` writes a volume so marked back as 2D.
 
     Args:
         path: a file, a DICOM series folder, or an :class:`ImageRef` (text ``file[N]``) for channel N of a 4D file
@@ -191,8 +192,13 @@ def _read_nifti(path: Path) -> Volume:
         ) from None
     if array.ndim == 5 and array.shape[3] == 1:  # some tools write (X, Y, Z, 1, C)
         array = array[:, :, :, 0, :]
+    plane = array.ndim == 2  # a NIfTI of one plane (nnU-Net's 2D NIfTI datasets): one slice, written back as it came
+    if plane:
+        array = array[:, :, None]
     affine = img.affine if img.affine is not None else np.eye(4)
     meta = {"path": str(path), "dtype": str(array.dtype), "qform_code": int(hdr["qform_code"]), "sform_code": int(hdr["sform_code"])}
+    if plane:
+        meta["plane"] = True
     return Volume(array, affine, meta)
 
 
@@ -270,6 +276,8 @@ def write_volume(volume: Volume, path: str | Path, *, dtype: np.dtype | str | No
         return _write_two_files(Volume(array, volume.affine, volume.meta), path)
     with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
+            if volume.meta.get("plane") and array.ndim == 3 and array.shape[2] == 1:
+                array = array[:, :, 0]  # the scan was a 2D NIfTI: its output is 2D too
             img = nib.Nifti1Image(array, volume.affine, dtype=array.dtype)  # explicit: int64 is refused otherwise
             code = int(volume.meta.get("sform_code") or 1)
             img.set_sform(volume.affine, code=code)
