@@ -25,7 +25,7 @@ from medseg.data.volume import Volume
 from medseg.errors import MedsegError
 from medseg.planning import Budget, StepTime, fingerprint_manifest, make_plan, plan
 from medseg.planning import planner as P
-from medseg.planning.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, guess_modality
+from medseg.planning.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, guess_modality, intensity_stats
 from medseg.planning.network import build_network, conv_flops, fit_network, pooling, training_bytes
 from medseg.training.config import load_pipeline, parse_pipeline
 
@@ -673,3 +673,8 @@ def test_8bit_2d_images_are_scaled_not_zscored():
     assert P.normalization(flat)[0] == {"normalize": "zscore_nonzero"}  # values above 255: not 8-bit
     volume = dataclasses.replace(eight_bit, cases=make_fp([(1.0,) * 3] * 2, [(40,) * 3] * 2, channels=("R", "G", "B")).cases)
     assert P.normalization(volume)[0] == {"normalize": "zscore_nonzero"}  # 3D: MRI rules
+    fractions = dataclasses.replace(eight_bit, intensity={ch: IntensityStats(0.4, 0.2, 0.01, 0.99, 0.0, 1.0, 1000, False)
+                                                          for ch in flat.channels})
+    assert P.normalization(fractions)[0] == {"normalize": "zscore_nonzero"}  # floats in 0..1 (a 2D NIfTI): not 8-bit
+    samples = intensity_stats(np.array([0.0, 12.0, 255.0])), intensity_stats(np.array([0.0, 0.5, 1.0]))
+    assert samples[0].integer is True and samples[1].integer is False

@@ -62,6 +62,7 @@ class IntensityStats:
     min: float
     max: float
     samples: int
+    integer: bool | None = None  # every sample a whole number (8-bit images are); None: not recorded (older JSON)
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ def intensity_stats(samples: np.ndarray) -> IntensityStats:
     if x.size == 0:
         return IntensityStats(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0)
     lo, hi = np.percentile(x, [0.5, 99.5])
-    return IntensityStats(float(x.mean()), float(x.std()), float(lo), float(hi), float(x.min()), float(x.max()), int(x.size))
+    return IntensityStats(float(x.mean()), float(x.std()), float(lo), float(hi), float(x.min()), float(x.max()), int(x.size),
+                          bool(np.all(x == np.round(x))))
 
 
 def guess_modality(channel: str, case_minima: Sequence[float]) -> tuple[str, str]:

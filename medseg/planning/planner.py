@@ -253,9 +253,10 @@ def choose_layout(fp: Fingerprint, spacing, budget: Budget, in_ch: int, out_ch: 
 
 # ---------------------------------------------------------------------------------------------- intensities, labels
 def images_8bit_2d(fp: Fingerprint) -> bool:
-    """2D images (or one pixel thick) whose every channel lies within 0..255: photographs, 8-bit microscopy."""
+    """2D images (or one pixel thick) whose every channel holds whole numbers within 0..255: photographs, 8-bit
+    microscopy (a 2D NIfTI of floats, e.g. within 0..1, is not: dividing it by 255 would flatten it)."""
     flat = all(len(c.shape) == 2 or c.shape[-1] == 1 for c in fp.cases)
-    return flat and all(0 <= s.min and s.max <= 255 for s in fp.intensity.values())
+    return flat and all(0 <= s.min and s.max <= 255 and s.integer is not False for s in fp.intensity.values())
 
 
 def normalization(fp: Fingerprint) -> tuple[dict, str]:
