@@ -209,7 +209,7 @@ def test_2d_images_train_predict_png_of_input_size_and_evaluate(tmp_path):
     assert len(dice) == 10 and dice.mean() > 0.7  # red discs on green: learnt in a minute
 
 
-def test_a_2d_array_nifti_is_read_as_one_slice_and_an_nrrd_plane_refused_with_the_fix(tmp_path):
+def test_2d_nifti_and_nrrd_files_are_read_as_one_slice_and_written_back_as_2d(tmp_path):
     import nibabel as nib
 
     from medseg.data.dataset import load_case
@@ -231,7 +231,15 @@ def test_a_2d_array_nifti_is_read_as_one_slice_and_an_nrrd_plane_refused_with_th
     pytest.importorskip("SimpleITK")
     import SimpleITK as sitk
 
-    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "flat.nrrd"))
-    nrrd = Case("nrrd", {"image": str(tmp_path / "flat.nrrd")}, str(tmp_path / "seg.nii.gz"))
-    with pytest.raises(MedsegError, match=r"flat.nrrd: a 2D array of shape \(10, 12\).*\(X, Y, 1\)"):
-        load_case(nrrd, Preprocessing(crop_foreground=False), get_scheme("binary"))
+    plane = sitk.GetImageFromArray(image)  # a 2D NRRD: size (10, 12), oblique in-plane direction, an origin
+    plane.SetSpacing((0.4, 0.9)), plane.SetOrigin((5.0, -7.0)), plane.SetDirection((0.6, -0.8, 0.8, 0.6))
+    sitk.WriteImage(plane, str(tmp_path / "flat.nrrd"))
+    vol = read_volume(tmp_path / "flat.nrrd")
+    assert vol.shape == (10, 12, 1) and vol.meta["plane"] and vol.spacing[:2] == pytest.approx((0.4, 0.9))
+    np.testing.assert_array_equal(vol.array[:, :, 0], image.T)
+    back = sitk.ReadImage(str(write_volume(vol.with_array((vol.array > 60).astype(np.uint8)), tmp_path / "out.nrrd")))
+    assert back.GetDimension() == 2 and back.GetSize() == plane.GetSize()  # written back as it came
+    for got, want in ((back.GetSpacing(), plane.GetSpacing()), (back.GetOrigin(), plane.GetOrigin()),
+                      (back.GetDirection(), plane.GetDirection())):
+        assert got == pytest.approx(want)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), (image > 60).astype(np.uint8))

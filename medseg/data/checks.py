@@ -52,7 +52,7 @@ def warn(lines: Sequence[str]) -> None:
 
 def dims_problem(vol: Volume, ndim: int | None = None) -> str | None:
     """A 4D image where a 3D one is expected (a channel index selects one channel of a 4D file), or a 2D array
-    (an NRRD or MHA of one plane; a NIfTI of one plane and PNG/TIFF images are read as one slice ``(W, H, 1)``)."""
+    (the readers give one slice ``(W, H, 1)`` for 2D NIfTI/NRRD/MHA files and PNG/TIFF images; this guards the rest)."""
     if ndim is None and vol.array.ndim < 3:
         return (f"a {vol.array.ndim}D array of shape {vol.shape}; scans are read as 3D volumes: save it as one slice of "
                 "shape (X, Y, 1) (numpy: array[..., None]), or as PNG/TIFF, which are read as 2D images")

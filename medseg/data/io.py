@@ -81,8 +81,9 @@ def read_volume(path: str | Path | ImageRef, *, dtype: np.dtype | None = None) -
     """Read a NIfTI, NRRD, MHA or DICOM-series volume with its affine, or a 2D image (PNG, JPEG, BMP, TIFF, GIF).
 
     A 2D image is a volume one voxel thick with an identity affine: ``(W, H, 1)`` grey, ``(W, H, 1, 3)`` colour
-    (see :func:`~medseg.data.images2d.read_image_2d`). A NIfTI holding a 2D array is read as one slice ``(X, Y, 1)``
-    with its own affine and ``meta["plane"]``, and :func:`write_volume` writes a volume so marked back as 2D.
+    (see :func:`~medseg.data.images2d.read_image_2d`). A NIfTI, NRRD or MHA holding a 2D image is read as one slice
+    ``(X, Y, 1)`` with its own affine and ``meta["plane"]``, and :func:`write_volume` writes a volume so marked back
+    as 2D.
 
     Args:
         path: a file, a DICOM series folder, or an :class:`ImageRef` (text ``file[N]``) for channel N of a 4D file
@@ -226,7 +227,10 @@ def _from_sitk(image, path: Path) -> Volume:
     lps[:ndim, :ndim] = direction * spacing[None, :]
     lps[:ndim, 3] = origin
     affine = _LPS_TO_RAS @ lps
-    return Volume(array, affine, {"path": str(path), "dtype": str(array.dtype)})
+    meta = {"path": str(path), "dtype": str(array.dtype)}
+    if ndim == 2:  # an image of one plane: one slice (1 mm thick, at z = 0), written back as 2D (meta["plane"])
+        array, meta["plane"] = np.expand_dims(array, 2), True
+    return Volume(array, affine, meta)
 
 
 def _read_itk(path: Path) -> Volume:
@@ -320,6 +324,8 @@ def _write_itk(volume: Volume, tmp: Path) -> None:
     sitk = _sitk()
     array = volume.array
     ndim = volume.spatial_ndim
+    if volume.meta.get("plane") and ndim == 3 and array.shape[2] == 1:  # read from a 2D image: written back as 2D
+        array, ndim = array[:, :, 0], 2
     is_vector = array.ndim > ndim
     axes = tuple(range(ndim))[::-1] + ((ndim,) if is_vector else ())
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, axes)), isVector=is_vector)
