@@ -193,13 +193,10 @@ def _read_nifti(path: Path) -> Volume:
         ) from None
     if array.ndim == 5 and array.shape[3] == 1:  # some tools write (X, Y, Z, 1, C)
         array = array[:, :, :, 0, :]
-    plane = array.ndim == 2  # a NIfTI of one plane (nnU-Net's 2D NIfTI datasets): one slice, written back as it came
-    if plane:
-        array = array[:, :, None]
     affine = img.affine if img.affine is not None else np.eye(4)
     meta = {"path": str(path), "dtype": str(array.dtype), "qform_code": int(hdr["qform_code"]), "sform_code": int(hdr["sform_code"])}
-    if plane:
-        meta["plane"] = True
+    if array.ndim == 2:  # a NIfTI of one plane (nnU-Net's 2D NIfTI datasets): one slice, written back as 2D
+        array, meta["plane"] = array[:, :, None], True
     return Volume(array, affine, meta)
 
 
@@ -276,12 +273,12 @@ def write_volume(volume: Volume, path: str | Path, *, dtype: np.dtype | str | No
     suffix = _suffix(path)
     if suffix in IMAGE_2D_SUFFIXES:
         return write_image_2d(array, path)
+    if volume.meta.get("plane") and array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]  # read from a 2D NIfTI/NRRD/MHA (meta["plane"]): written back as 2D
     if suffix in (".mhd", ".nhdr"):
         return _write_two_files(Volume(array, volume.affine, volume.meta), path)
     with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
-            if volume.meta.get("plane") and array.ndim == 3 and array.shape[2] == 1:
-                array = array[:, :, 0]  # the scan was a 2D NIfTI: its output is 2D too
             img = nib.Nifti1Image(array, volume.affine, dtype=array.dtype)  # explicit: int64 is refused otherwise
             code = int(volume.meta.get("sform_code") or 1)
             img.set_sform(volume.affine, code=code)
@@ -324,8 +321,6 @@ def _write_itk(volume: Volume, tmp: Path) -> None:
     sitk = _sitk()
     array = volume.array
     ndim = volume.spatial_ndim
-    if volume.meta.get("plane") and ndim == 3 and array.shape[2] == 1:  # read from a 2D image: written back as 2D
-        array, ndim = array[:, :, 0], 2
     is_vector = array.ndim > ndim
     axes = tuple(range(ndim))[::-1] + ((ndim,) if is_vector else ())
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, axes)), isVector=is_vector)
