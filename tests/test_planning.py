@@ -444,9 +444,13 @@ def test_cascade_splits_the_epochs_and_refines_with_the_same_network_at_the_data
     assert coarse.coarsen_factor > 1
     stage1, refiner = plan_cascade(coarse, fp, "../runs/x")
     s, s1, s2 = coarse.schedule, stage1.schedule, refiner.schedule
-    assert s1.epochs + s2.epochs == s.epochs and s1.epochs == math.ceil(s.epochs / 2)
+    assert s1.epochs + s2.epochs == s.epochs and s1.epochs == round(s.epochs * 2 / 3) and s2.epochs >= 1
     assert s1.iterations == s2.iterations == s.iterations  # the same step: the same iterations per epoch
-    assert stage1.design == coarse.design and stage1.foreground_fraction == 0.33 and stage1.cascade is None
+    assert stage1.design == coarse.design and stage1.cascade is None
+    # the localiser's recipe: half the patches on foreground, only mirroring and brightness/contrast augmentation
+    assert stage1.foreground_fraction == 0.5 and coarse.foreground_fraction == 0.33
+    assert stage1.augmentation == {k: 0.0 for k in ("rotation_p", "scale_p", "noise_p", "blur_p", "lowres_p", "gamma_p")}
+    assert refiner.augmentation is None and coarse.augmentation is None
     assert refiner.design.spacing == coarse.target_spacing == (1.0, 1.0, 1.0)
     assert refiner.design.network == coarse.design.network and refiner.design.median_shape == (140, 170, 140)
     assert refiner.foreground_fraction == 1.0 and refiner.cascade == {"localiser": "../runs/x", "margin_mm": 6.0}
@@ -475,6 +479,12 @@ def test_plan_cascade_writes_both_stages_and_the_refiner_finds_the_first(tmp_pat
     # the refiner names the run folder the first stage is trained into (runs/ct from the working folder)
     assert refiner.cascade.localiser == "../runs/ct" and refiner.resolve(refiner.cascade.localiser) == (tmp_path / "runs" / "ct").resolve()
     assert "stage 1 of 2" in out.read_text()
+    # the localiser trains with mirroring and brightness/contrast only; the refiner with nnU-Net's defaults
+    off = ("rotation_p", "scale_p", "noise_p", "blur_p", "lowres_p", "gamma_p")
+    assert all(getattr(first.augmentation, k) == 0 for k in off) and first.sampling.foreground_fraction == 0.5
+    assert first.augmentation.mirror_p == refiner.augmentation.mirror_p == 0.5
+    assert first.augmentation.brightness_p == first.augmentation.contrast_p == 0.15
+    assert all(getattr(refiner.augmentation, k) > 0 for k in off)
 
 
 # ---------------------------------------------------------------------------------------------- written pipeline
@@ -589,8 +599,9 @@ def test_shipped_brats_cascade_is_the_planners_two_stages():
     assert first.preprocessing.spacing == (2.0, 2.0, 2.0) and refiner.preprocessing.spacing == (1.0, 1.0, 1.0)
     assert first.model == refiner.model and first.sampling.patch_size == refiner.sampling.patch_size
     assert first.training.iterations_per_epoch == refiner.training.iterations_per_epoch
-    assert first.training.epochs == refiner.training.epochs == 5 and refiner.training.val_interval == 5
+    assert (first.training.epochs, refiner.training.epochs) == (7, 3) and refiner.training.val_interval == 3
     assert refiner.sampling.foreground_fraction == 1.0 and first.cascade.localiser is None
+    assert first.sampling.foreground_fraction == 0.5 and first.augmentation.rotation_p == 0
     assert refiner.resolve(refiner.cascade.localiser) == (ROOT / "runs" / "brats_cascade").resolve()
 
 

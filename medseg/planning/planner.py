@@ -141,6 +141,7 @@ class Plan:
     deep_supervision: bool = False  # loss on the decoder levels too (:func:`deep_supervision_rule`)
     foreground_fraction: float = 0.33  # nnU-Net: a third of the patches centred on foreground
     cascade: Mapping | None = None  # a refiner's cascade section (:mod:`medseg.planning.cascade`)
+    augmentation: Mapping | None = None  # settings that differ from nnU-Net's defaults (a cascade's localiser)
 
 
 # ---------------------------------------------------------------------------------------------- spacing and shape

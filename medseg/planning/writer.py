@@ -36,15 +36,20 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def _augmentation_lines() -> list[str]:
+def _augmentation_lines(plan: Plan) -> list[str]:
     try:
         from medseg.data.augment import Augmentation
     except ImportError:  # pragma: no cover  (an older tree without augmentation)
         return []
-    lines = [_line(0, "augmentation", section=True, comment="nnU-Net v2's defaults (medseg.data.augment.Augmentation)")]
+    changed = dict(plan.augmentation or {})
+    comment = plan.notes.get("augmentation", "") if changed else ""
+    lines = [_line(0, "augmentation", section=True, comment=comment or "nnU-Net v2's defaults (medseg.data.augment.Augmentation)")]
     for f in dataclasses.fields(Augmentation):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(_line(2, f.name, default))
+        lines.append(_line(2, f.name, changed.pop(f.name, default), "nnU-Net's default: "
+                           f"{_value(default)}" if f.name in (plan.augmentation or {}) else ""))
+    if changed:
+        raise ValueError(f"unknown augmentation settings in the plan: {sorted(changed)}")
     return lines
 
 
@@ -145,7 +150,7 @@ def plan_yaml(plan: Plan, name: str, manifest: str, fingerprint: str, command: s
         header.append(f"#   {command}")
     lines = header + [_line(0, "name", name), _line(0, "seed", 0)]
     lines += _data_lines(plan, manifest) + _preprocessing_lines(plan) + _model_lines(plan) + _sampling_lines(plan)
-    lines += _augmentation_lines()
+    lines += _augmentation_lines(plan)
     lines += [_line(0, "loss", section=True), _line(2, "name", "auto", "Dice + BCE for regions, Dice + CE for classes"),
               _line(2, "batch_dice", True, "nnU-Net (3D full resolution, 2D): Dice over the batch, not per patch"),
               _line(2, "deep_supervision", plan.deep_supervision, plan.notes["deep_supervision"])]
