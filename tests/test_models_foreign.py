@@ -100,7 +100,6 @@ def test_monai_segresnet_vae_tuple_is_read_as_segmentation_and_loss():
 
 
 def test_monai_transformers_by_name():
-    pytest.importorskip("einops")
     unetr = create_model("monai:UNETR", 3, 2, 3, img_size=32, hidden_size=48, mlp_dim=96, num_heads=4, feature_size=8)
     assert (unetr.size_divisor, unetr.min_size, unetr.max_size) == ((16,) * 3, (32,) * 3, (32,) * 3)
     assert unetr.eval()(torch.zeros(1, 2, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
