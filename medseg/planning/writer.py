@@ -41,15 +41,17 @@ def _augmentation_lines(plan: Plan) -> list[str]:
         from medseg.data.augment import Augmentation
     except ImportError:  # pragma: no cover  (an older tree without augmentation)
         return []
-    changed = dict(plan.augmentation or {})
-    comment = plan.notes.get("augmentation", "") if changed else ""
-    lines = [_line(0, "augmentation", section=True, comment=comment or "nnU-Net v2's defaults (medseg.data.augment.Augmentation)")]
-    for f in dataclasses.fields(Augmentation):
+    given = dict(plan.augmentation or {})
+    fields = dataclasses.fields(Augmentation)
+    unknown = set(given) - {f.name for f in fields}
+    if unknown:
+        raise ValueError(f"unknown augmentation settings in the plan: {sorted(unknown)}")
+    comment = (given and plan.notes.get("augmentation")) or "nnU-Net v2's defaults (medseg.data.augment.Augmentation)"
+    lines = [_line(0, "augmentation", section=True, comment=comment)]
+    for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(_line(2, f.name, changed.pop(f.name, default), "nnU-Net's default: "
-                           f"{_value(default)}" if f.name in (plan.augmentation or {}) else ""))
-    if changed:
-        raise ValueError(f"unknown augmentation settings in the plan: {sorted(changed)}")
+        note = f"nnU-Net's default: {_value(default)}" if f.name in given else ""
+        lines.append(_line(2, f.name, given.get(f.name, default), note))
     return lines
 
 
