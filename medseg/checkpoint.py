@@ -46,6 +46,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def for_fold(run: str | Path, fold: int | None) -> Path:
+    """The model of one fold: ``RUN/fold_K`` when ``run`` is a cross-validation folder with that fold (so a model
+    used for fold K, a cascade's localiser or a warm start, never trained on fold K's validation cases), else ``run``."""
+    path = Path(run)
+    if fold is not None and (path / f"fold_{fold}" / "checkpoints").is_dir():
+        return path / f"fold_{fold}"
+    return path
+
+
 def find_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
     """``RUN_DIR`` -> ``RUN_DIR/checkpoints/{which}.pt`` (falling back to the other one); a file is returned as is."""
     p = Path(run_or_file)

@@ -16,7 +16,8 @@ from medseg.data.labels import get_scheme
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError
 from medseg.inference import loading
-from medseg.inference.cascade import choose_average, compose, localiser_for_fold, region_of, restrict
+from medseg.checkpoint import for_fold
+from medseg.inference.cascade import choose_average, compose, region_of, restrict
 
 SPACING = (1.0, 1.5, 3.0)
 # a non-RAS grid (axes flipped and permuted): the refiner reorients to RAS and back, the region must not move
@@ -130,8 +131,8 @@ def test_a_folds_refiner_is_localised_by_the_same_fold_and_an_ensemble_by_the_en
     cv = tmp_path / "loc_cv"
     checkpoint(cv / "fold_0", "bright", fold=0)
     checkpoint(cv / "fold_1", "nothing", fold=1)
-    assert localiser_for_fold(cv, 1) == cv / "fold_1" and localiser_for_fold(cv, None) == cv
-    assert localiser_for_fold(cv / "fold_0", 1) == cv / "fold_0"  # a single run localises every fold
+    assert for_fold(cv, 1) == cv / "fold_1" and for_fold(cv, None) == cv
+    assert for_fold(cv / "fold_0", 1) == cv / "fold_0"  # a single run localises every fold
     r0 = checkpoint(tmp_path / "ref_cv" / "fold_0", "everything", fold=0, localiser=str(cv))
     r1 = checkpoint(tmp_path / "ref_cv" / "fold_1", "everything", fold=1, localiser=str(cv))
     assert predict(r0, scan, tmp_path / "p0").array.any()

@@ -454,6 +454,7 @@ def test_cascade_splits_the_epochs_and_refines_with_the_same_network_at_the_data
     assert refiner.design.spacing == coarse.target_spacing == (1.0, 1.0, 1.0)
     assert refiner.design.network == coarse.design.network and refiner.design.median_shape == (140, 170, 140)
     assert refiner.foreground_fraction == 1.0 and refiner.cascade == {"localiser": "../runs/x", "margin_mm": 6.0}
+    assert refiner.init_from == "../runs/x" and stage1.init_from is None  # the refiner starts from the first stage
     assert s2.val_interval == s2.epochs and s2.validations == 1
     # the refiner's validation and TTA are costed on the fine grid's windows
     fine_windows = P.windows_per_case(refiner.design, coarse.overlap)
@@ -478,6 +479,7 @@ def test_plan_cascade_writes_both_stages_and_the_refiner_finds_the_first(tmp_pat
     assert refiner.training.epochs + first.training.epochs >= 2 and refiner.training.val_interval == refiner.training.epochs
     # the refiner names the run folder the first stage is trained into (runs/ct from the working folder)
     assert refiner.cascade.localiser == "../runs/ct" and refiner.resolve(refiner.cascade.localiser) == (tmp_path / "runs" / "ct").resolve()
+    assert refiner.training.init_from == "../runs/ct" and first.training.init_from is None  # warm start from stage 1
     assert "stage 1 of 2" in out.read_text()
     # the localiser trains with mirroring and brightness/contrast only; the refiner with nnU-Net's defaults
     off = ("rotation_p", "scale_p", "noise_p", "blur_p", "lowres_p", "gamma_p")
@@ -603,6 +605,7 @@ def test_shipped_brats_cascade_is_the_planners_two_stages():
     assert refiner.sampling.foreground_fraction == 1.0 and first.cascade.localiser is None
     assert first.sampling.foreground_fraction == 0.5 and first.augmentation.rotation_p == 0
     assert refiner.resolve(refiner.cascade.localiser) == (ROOT / "runs" / "brats_cascade").resolve()
+    assert refiner.training.init_from == refiner.cascade.localiser  # warm start from the first stage
 
 
 @pytest.mark.slow

@@ -89,6 +89,30 @@ def test_existing_run_needs_resume_and_finished_run_needs_extend(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epochs"] == 2
 
 
+def test_a_warm_start_begins_from_the_weights_of_the_same_fold_of_the_given_run(tmp_path):
+    from medseg.training.run import Run, RunOptions
+
+    source = tmp_path / "stage1"  # a CV folder: the run validating on fold 1 starts from its fold_1
+    for fold in (0, 1):
+        train(load_pipeline(_pipeline(tmp_path, training__epochs=1, data__val_fold=fold), [f"seed={fold}"]),
+              run_dir=source / f"fold_{fold}", progress=False)
+    warm = load_pipeline(_pipeline(tmp_path, data__val_fold=1, training__init_from="stage1"))  # relative to the file
+    weights = Run.build(warm, RunOptions(tmp_path / "warm", progress=False)).step.bare_model.state_dict()
+    expected = load_checkpoint(source / "fold_1" / "checkpoints" / "last.pt")["state_dict"]
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    other = load_checkpoint(source / "fold_0" / "checkpoints" / "last.pt")["state_dict"]
+    assert not all(torch.equal(weights[k], other[k]) for k in other)
+    cold = Run.build(load_pipeline(_pipeline(tmp_path, data__val_fold=1)), RunOptions(tmp_path / "cold", progress=False))
+    assert not all(torch.equal(cold.step.bare_model.state_dict()[k], expected[k]) for k in expected)
+    wider = load_pipeline(_pipeline(tmp_path, data__val_fold=1, training__init_from="stage1"),
+                          ["model.kwargs.channels=[8,16,32]"])
+    with pytest.raises(MedsegError, match=r"init_from .*fold_1.*kwargs\.channels: \[4, 8, 16\] there, \[8, 16, 32\] here"):
+        Run.build(wider, RunOptions(tmp_path / "wider", progress=False))
+    untrained = load_pipeline(_pipeline(tmp_path, data__val_fold=1, training__init_from="stage2"))
+    with pytest.raises(MedsegError, match=r"init_from .*stage2: no trained run there \(nor its fold_1\); train it first"):
+        Run.build(untrained, RunOptions(tmp_path / "untrained", progress=False))
+
+
 def test_same_seed_same_first_epoch_loss(tmp_path):
     pipeline = load_pipeline(_pipeline(tmp_path, training__epochs=1))
     a = train(pipeline, run_dir=tmp_path / "a", progress=False)

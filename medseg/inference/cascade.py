@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
@@ -54,15 +53,6 @@ class CascadeSettings:
         object.__setattr__(self, "average", tuple(str(n) for n in (self.average or ())))
         if float(self.margin_mm) < 0:
             raise MedsegError(f"margin_mm: {self.margin_mm} must be >= 0 (millimetres around the localiser's foreground)")
-
-
-def localiser_for_fold(localiser: str | Path, fold: int | None) -> Path:
-    """The localiser of one fold's model: ``LOCALISER/fold_K`` when the localiser is a cross-validation folder with
-    that fold (so an out-of-fold case is localised by a model that did not train on it either), else the localiser."""
-    path = Path(localiser)
-    if fold is not None and (path / f"fold_{fold}" / "checkpoints").is_dir():
-        return path / f"fold_{fold}"
-    return path
 
 
 def region_of(labels: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:

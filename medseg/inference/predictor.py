@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from medseg.checkpoint import for_fold
 from medseg.data.checks import check_images
 from medseg.data.images2d import IMAGE_2D_SUFFIXES
 from medseg.data.io import read_volume, write_volume
@@ -29,7 +30,7 @@ from medseg.data.manifest import check_case_id
 from medseg.data.preprocess import Prepared, Preprocessing
 from medseg.data.volume import Volume
 from medseg.errors import MedsegError, ValidationError
-from medseg.inference.cascade import FirstStage, cascade_options, localiser_for_fold, restrict
+from medseg.inference.cascade import FirstStage, cascade_options, restrict
 from medseg.inference.engine import (InferenceSettings, autocast_dtype, channels_last_format, resolve_device,
                                      sliding_window)
 from medseg.inference.inputs import CaseInput, resolve_inputs
@@ -166,7 +167,7 @@ class Predictor:
             if not Path(localiser).exists():
                 raise MedsegError(f"{run_or_file}: its first stage (cascade.localiser) {localiser} does not exist; train it "
                                   "first (docs/training.md, Cascade) or give --localiser RUN")
-            first = cls.from_checkpoint(localiser_for_fold(localiser, members[0].fold if len(members) == 1 else None),
+            first = cls.from_checkpoint(for_fold(localiser, members[0].fold if len(members) == 1 else None),
                                         device=infer.device, amp=infer.amp)
             predictor.first_stage = FirstStage.attach(predictor, first, margin, average)
         return predictor

@@ -16,6 +16,9 @@ and thin structures are lost on the coarse grid. nnU-Net then adds a cascade. Th
   its step costs what the plan's step costs, so the plan's iterations hold; the patch covers a smaller field of view,
   which is why every refiner patch is centred on the object (``foreground_fraction: 1.0``) and its output is kept
   within ``margin_mm`` of the localiser's foreground;
+- **the refiner starts from the first stage's weights** (``training.init_from``; fold K's for fold K): it is the
+  same network, and a model that has learnt the object at the coarse spacing adapts to the fine one in far fewer
+  steps than a network from scratch learns it (docs/results.md, "Warm start");
 - **the refiner validates once, at its last epoch**: its windows on the fine grid cost 8x (3D) the coarse ones, over
   the whole image (docs/training.md, Cascade);
 - **TTA by the plan's rule on the fine grid**: mirroring while its passes over a median case take at most
@@ -95,12 +98,14 @@ def plan_cascade(plan: Plan, fp: Fingerprint, localiser: str) -> tuple[Plan, Pla
                        f"{plan.budget.time_budget_min:g} min (the first stage has the other {first})",
              "val_interval": "once, at the end: windows over the whole image on the fine grid cost more "
                              "(docs/training.md, Cascade)",
-             "cascade": f"stage 2 of 2: kept within {margin:g} mm of the first stage's foreground (medseg default)"}
+             "cascade": f"stage 2 of 2: kept within {margin:g} mm of the first stage's foreground (medseg default)",
+             "init_from": "starts from the first stage's weights (fold K's for fold K): the same network, trained at "
+                          "the coarse spacing"}
     refiner = _with_steps(replace(plan, budget=budget2, coarsen_factor=1.0, design=design, tta=tta, notes=notes,
                                   schedule=Schedule(second, s.iterations, second, 1, one_val, step_share * second,
                                                     s.startup_seconds),
                                   foreground_fraction=REFINER_FOREGROUND_FRACTION,
-                                  cascade={"localiser": localiser, "margin_mm": margin}))
+                                  cascade={"localiser": localiser, "margin_mm": margin}, init_from=localiser))
     return stage1, refiner
 
 

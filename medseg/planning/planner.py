@@ -142,6 +142,7 @@ class Plan:
     foreground_fraction: float = 0.33  # nnU-Net: a third of the patches centred on foreground
     cascade: Mapping | None = None  # a refiner's cascade section (:mod:`medseg.planning.cascade`)
     augmentation: Mapping | None = None  # settings that differ from nnU-Net's defaults (a cascade's localiser)
+    init_from: str | None = None  # a run whose weights start the training (a cascade's refiner: its first stage)
 
 
 # ---------------------------------------------------------------------------------------------- spacing and shape

@@ -130,13 +130,14 @@ def _training_lines(plan: Plan) -> list[str]:
     epochs_note = (f"{s.epochs} x {s.iterations} steps of {step:.2f} s{data} fill {b.time_budget_min:g} min less "
                    f"{s.startup_seconds:.0f} s loading and {s.validations} validation(s) of {s.validation_seconds:.0f} s")
     amp = {"fp32": "off"}.get(b.precision, b.precision)
+    warm = [_line(2, "init_from", plan.init_from, plan.notes["init_from"])] if plan.init_from else []
     return [_line(0, "training", section=True), _line(2, "epochs", s.epochs, plan.notes.get("epochs", epochs_note)),
             _line(2, "iterations_per_epoch", s.iterations, f"nnU-Net's 250, fewer to give >= {MIN_EPOCHS} epochs"),
             _line(2, "val_interval", s.val_interval, plan.notes.get("val_interval", f"validation in at most "
                   f"{VALIDATION_SHARE:.0%} of the budget, the final epoch always")),
             _line(2, "amp", amp, f"the precision the step time was measured in ({t.note})"),
             _line(2, "grad_clip", 12.0, "nnU-Net"), _line(2, "device", b.device),
-            _line(2, "model_selection", "final", "the last epoch of the poly schedule (docs/training.md: model choice)")]
+            _line(2, "model_selection", "final", "the last epoch of the poly schedule (docs/training.md: model choice)")] + warm
 
 
 def plan_yaml(plan: Plan, name: str, manifest: str, fingerprint: str, command: str = "") -> str:

@@ -100,6 +100,7 @@ class TrainingConfig:
     threads: Optional[int] = None
     model_selection: str = "final"  # final | smoothed | best: which epoch's model checkpoints/best.pt holds
     smoothing: float = 0.9  # model_selection smoothed: weight of the past in the moving average of validation Dice
+    init_from: Optional[str] = None  # a run folder or checkpoint whose network weights start the run (fold K of a CV folder for fold K)
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,9 @@ class Pipeline:
                     d["data"][key] = str(self.resolve(d["data"][key]))
             if d["model"]["module"] is not None:
                 d["model"]["module"] = self.model_module
-            if d["cascade"]["localiser"] is not None:
-                d["cascade"]["localiser"] = str(self.resolve(d["cascade"]["localiser"]))
+            for section, key in (("cascade", "localiser"), ("training", "init_from")):
+                if d[section][key] is not None:
+                    d[section][key] = str(self.resolve(d[section][key]))
         return _plain(d)
 
     @property

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from medseg.checkpoint import load_checkpoint
+from medseg.checkpoint import find_checkpoint, for_fold, load_checkpoint
 from medseg.data.labels import LabelScheme
 from medseg.data.manifest import read_manifest
 from medseg.errors import MedsegError
@@ -121,6 +121,8 @@ class Run:
         step = ModelStep.build(p, len(channels), setup.out_channels(scheme, p.data.target), device)
         step.check_size(tuple(p.sampling.patch_size), "sampling.patch_size")
         step.check_size(p.roi_size, "inference.roi_size")
+        if previous is None and p.training.init_from:
+            initial_weights(step, p, channels)
         loss = None  # an instance model computes its own loss terms
         if p.data.target != "instances":
             loss = create_loss(p.loss.name, p.data.target, p.loss.batch_dice)
@@ -198,6 +200,37 @@ class Run:
         }
 
 
+def initial_weights(step: ModelStep, p: Pipeline, channels: list[str]) -> Path:
+    """Load the network weights of ``training.init_from`` (a run folder, fold K of a CV folder for the fold that
+    validates on K, or a checkpoint file) into ``step``; the optimiser and the schedule start afresh. The model must
+    be the same network (name, arguments, input channels in the same order, outputs): a warm start, for instance a
+    cascade's refiner from its first stage, which has the refiner's network at a coarser spacing."""
+    given = p.resolve(p.training.init_from)
+    source = for_fold(given, p.data.val_fold)
+    if not source.is_file() and not (source / "checkpoints").is_dir():
+        fold = f" (nor its fold_{p.data.val_fold})" if p.data.val_fold is not None else ""
+        raise MedsegError(f"training.init_from {given}: no trained run there{fold}; train it first (a cascade's refiner "
+                          "starts from its first stage: docs/training.md, Cascade) or remove training.init_from")
+    path = find_checkpoint(source, "last")
+    ckpt = load_checkpoint(path)
+    fix = "train the warm start's model with the same model section and channels, or remove training.init_from"
+    if list(ckpt["channels"]) != list(channels):
+        raise MedsegError(f"training.init_from {path}: its model reads channels {list(ckpt['channels'])}, this run's "
+                          f"manifest has {list(channels)}; {fix}")
+    theirs, ours = _plain_config(ckpt["model"]), _plain_config(step.config)
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differ:
+        raise MedsegError(f"training.init_from {path}: another network ("
+                          + "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ) + f"); {fix}")
+    step.bare_model.load_state_dict(ckpt["state_dict"])
+    return path
+
+
+def _plain_config(config: dict) -> dict:
+    """A model config as flat, comparable plain data (``kwargs.channels``: [16, 32], tuples as lists)."""
+    return _flatten(json.loads(json.dumps(config, default=list)))
+
+
 def run_folder(p: Pipeline, options: RunOptions) -> Path:
     """The run folder: ``--output``, else the pipeline's ``output_dir``, else ``runs/<name>``."""
     return Path(options.run_dir or p.output_dir or Path("runs") / p.name)
@@ -240,8 +273,8 @@ def target_epochs(ckpt: dict, changes: dict, p: Pipeline, options: RunOptions) -
 
 
 SAFE_ON_RESUME = ("name", "output_dir", "training.epochs", "training.val_interval", "training.amp", "training.device",
-                  "training.threads", "data.workers", "data.cache", "data.cache_dir", "inference.", "postprocessing.",
-                  "cascade.")
+                  "training.threads", "training.init_from", "data.workers", "data.cache", "data.cache_dir", "inference.",
+                  "postprocessing.", "cascade.")
 
 
 def _safe(key: str) -> bool:

@@ -58,7 +58,8 @@ def localised(cases: Sequence[ValidationCase], manifest_cases: Sequence[Case], p
     pipeline's localiser has not been trained yet."""
     from medseg.data.checks import warn
     from medseg.data.io import read_volume
-    from medseg.inference.cascade import FirstStage, localiser_for_fold
+    from medseg.checkpoint import for_fold
+    from medseg.inference.cascade import FirstStage
     from medseg.inference.predictor import Predictor
 
     if not cases or not p.cascade.localiser:
@@ -68,7 +69,7 @@ def localised(cases: Sequence[ValidationCase], manifest_cases: Sequence[Case], p
         warn([f"cascade.localiser {path} does not exist yet: validation scores the refiner alone over the whole image "
               "(far below what medseg predict gives once the first stage is trained)"])
         return list(cases)
-    stage = FirstStage(Predictor.from_checkpoint(localiser_for_fold(path, p.data.val_fold), device=p.training.device),
+    stage = FirstStage(Predictor.from_checkpoint(for_fold(path, p.data.val_fold), device=p.training.device),
                        p.cascade.margin_mm)
     channels = stage.localiser.loaded.channels
     by_id = {c.id: c for c in manifest_cases}
