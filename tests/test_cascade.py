@@ -306,3 +306,19 @@ def test_a_refiners_validation_is_kept_within_its_localisers_region(tmp_path, sc
     missing = parse_pipeline({**base, "cascade": {"localiser": str(tmp_path / "not_trained")}})
     assert localised([case], [manifest_case], missing)[0].region is None
     assert localised([case], [manifest_case], parse_pipeline(base))[0].region is None
+
+
+@pytest.mark.parametrize("localiser", ["bright", "nothing"])
+def test_one_pass_gives_the_refiner_alone_and_averaged_as_two_predictions_would(tmp_path, scan, localiser):
+    from medseg.inference.predictor import Predictor
+
+    checkpoint(tmp_path / "loc", localiser)
+    ref = checkpoint(tmp_path / "ref", "mild", localiser=str(tmp_path / "loc"), localiser_margin_mm=4.0)
+    alone = np.asarray(predict(ref, scan, tmp_path / "alone", "--localiser-average", "none").array)
+    averaged = np.asarray(predict(ref, scan, tmp_path / "averaged", "--localiser-average", "WT", "TC", "ET").array)
+    assert (alone != averaged).any() if localiser == "bright" else not (alone.any() or averaged.any())
+    variants = Predictor.from_checkpoint(ref, localiser_average=["WT", "TC", "ET"]).cascade_variants(
+        [read_volume(f) for f in scan])
+    np.testing.assert_array_equal(variants[0].labels.array, alone)
+    np.testing.assert_array_equal(variants[1].labels.array, averaged)
+    assert np.allclose(variants[0].labels.affine, read_volume(scan[0]).affine)

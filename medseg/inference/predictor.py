@@ -181,26 +181,16 @@ class Predictor:
 
         The channels are checked first as ``medseg validate`` checks them (:func:`medseg.data.checks.check_images`:
         one grid, 3D, invertible affine, finite values), so a bad scan is an error before any compute."""
-        channels = self.loaded.channels
-        if len(images) != len(channels):
-            raise MedsegError(f"{len(images)} channel image(s) given but the model needs {len(channels)} ({', '.join(channels)})")
-        where = [f"channel {name} {_source(vol)}" for name, vol in zip(channels, images)]
-        images = check_images(images, channels, where, nan_policy=self.nan_policy)
+        images = self._checked(images)
         first = images[0]
-        region = localised = None
         if self.first_stage is not None:  # a cascade: the refiner's output only where the first stage found the object
-            region, localised = self.first_stage.region(images)
-        prep = self.loaded.preprocessing.apply(list(images), masks=None if region is None else region[None])
-        if self.segmenter.instance_model and (self.instances is None or self.instances.method in ("auto", "model")):
-            return self._predict_objects(images, prep)
-        if region is None:
+            refined, localised, region = self._stages(images)
+            full = self.first_stage.refine(refined, localised, region, self.loaded.target)
+        else:
+            prep = self.loaded.preprocessing.apply(list(images))
+            if self.segmenter.instance_model and (self.instances is None or self.instances.method in ("auto", "model")):
+                return self._predict_objects(images, prep)
             full = self.segmenter.probabilities(prep.image, prep)
-        elif region.any():  # windows only over the region (on the refiner's grid), exact restriction on the scan's
-            full = self.first_stage.refine(self.segmenter.probabilities(prep.image, prep, mask=prep.masks[0] > 0),
-                                           localised, region, self.loaded.target)
-        else:  # the localiser found nothing: nothing to refine
-            k = self.segmenter.out_channels
-            full = restrict(np.zeros((k, *region.shape), np.float32), region, self.loaded.target)
         if self.crf is not None:  # dense CRF on the scan's own grid, before threshold / argmax
             from medseg.inference.postprocess import crf_refine
 
@@ -214,6 +204,39 @@ class Predictor:
         imap, scores = semantic_instances(flat, self.instances, scheme=self.loaded.scheme, spacing=spacing,
                                           probabilities=in_plane(full, image2d, first.spacing, channels_first=True)[0])
         return self._with_objects(first, labels, prob_vol, imap.reshape(labels.shape), scores, {})
+
+    def _checked(self, images: Sequence[Volume]) -> list[Volume]:
+        channels = self.loaded.channels
+        if len(images) != len(channels):
+            raise MedsegError(f"{len(images)} channel image(s) given but the model needs {len(channels)} ({', '.join(channels)})")
+        where = [f"channel {name} {_source(vol)}" for name, vol in zip(channels, images)]
+        return check_images(images, channels, where, nan_policy=self.nan_policy)
+
+    def _stages(self, images: Sequence[Volume]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """A cascade's two stages on one checked scan: the refiner's ``(K, *spatial)`` probabilities (its windows
+        only over the localiser's region, on the refiner's grid; zeros where the localiser found nothing), the
+        localiser's probabilities when averaged (else None) and the region, all on the grid of ``images[0]``."""
+        region, localised = self.first_stage.region(images)
+        prep = self.loaded.preprocessing.apply(list(images), masks=region[None])
+        if region.any():
+            refined = self.segmenter.probabilities(prep.image, prep, mask=prep.masks[0] > 0)
+        else:  # nothing to refine
+            refined = np.zeros((self.segmenter.out_channels, *region.shape), np.float32)
+        return refined, localised, region
+
+    def cascade_variants(self, images: Sequence[Volume]) -> tuple[Prediction, Prediction]:
+        """A cascade's label maps of one scan from one pass of each stage: the refiner alone, and averaged with the
+        localiser as ``first_stage`` averages (the cross-validation chooses between them per region,
+        :func:`medseg.training.crossval.cascade_predictions`). No CRF, no objects."""
+        if self.first_stage is None or not self.first_stage.channels:
+            raise MedsegError(f"{self.loaded.path}: cascade_variants needs a refiner whose first stage averages "
+                              "regions (localiser_average)")
+        images = self._checked(images)
+        refined, localised, region = self._stages(images)
+        target = self.loaded.target
+        alone = restrict(refined, region, target)
+        averaged = self.first_stage.refine(refined, localised, region, target)
+        return tuple(Prediction(images[0].with_array(self.segmenter.labels(p))) for p in (alone, averaged))
 
     def _predict_objects(self, images: Sequence[Volume], prep: Prepared) -> Prediction:
         """An instance model: its objects (one pass) give the instance map, and the label map is the map's objects
@@ -370,7 +393,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
     if removed:
         warn([f"{output}: removed {len(removed)} temporary file(s) left by a killed run ({', '.join(p.name for p in removed[:3])}"
               f"{' ...' if len(removed) > 3 else ''})"])
-    todo = [c for c in cases if overwrite or not _done(predictor, c, output)]
+    todo = [c for c in cases if overwrite or not output_done(predictor, c, output)]
     written: list[Path] = []
     bar = None
     if progress and len(todo) > 0:
@@ -392,7 +415,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
     return written
 
 
-def _done(predictor: Predictor, case: CaseInput, output: Path) -> bool:
+def output_done(predictor: Predictor, case: CaseInput, output: Path) -> bool:
     """True when every output of ``case`` exists and its label map reads with the shape of the scan's first channel;
     a damaged label map (a partial copy, another case's file) is predicted again, with a warning."""
     from medseg.data.checks import warn

@@ -10,8 +10,8 @@ the cases of fold k and trains on the others), then:
    before/after go to ``RUN/postprocessing.json``; ``medseg predict --model RUN`` applies it to the fold ensemble;
 3. writes ``RUN/cv/report`` (``medseg evaluate`` over all out-of-fold cases, postprocessed: one report for all folds).
 
-For a cascade's refiner (:mod:`medseg.inference.cascade`) step 1 runs twice, refiner alone and averaged with the
-localiser; the regions whose mean Dice (each variant after the postprocessing step 2 chooses for it) the average
+For a cascade's refiner (:mod:`medseg.inference.cascade`) step 1 writes two label maps per case from one pass of
+both stages, refiner alone and averaged with the localiser; the regions whose mean Dice (each variant after the postprocessing step 2 chooses for it) the average
 raises are averaged from then on (``localiser_average`` in ``RUN/postprocessing.json``), and step 2 runs again on the
 predictions composed from that choice.
 
@@ -32,7 +32,7 @@ from medseg.atomic import write_text_atomic
 from medseg.data.io import read_label, read_mask, write_volume
 from medseg.data.labels import LabelScheme
 from medseg.data.manifest import Manifest, read_manifest, write_manifest
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, ValidationError
 from medseg.evaluation.metrics import MetricSettings, compute_metrics
 from medseg.inference.postprocess import PostprocessSettings, postprocess
 from medseg.training import setup
@@ -113,8 +113,7 @@ def cascade_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int],
     from medseg.inference.cascade import choose_average, compose
 
     names = list(scheme.regions) or [n for n in scheme.labels if scheme.labels[n] != 0]
-    plain = out_of_fold_predictions(run_dir, manifest, folds, progress, "predictions_refiner", localiser_average=[])
-    averaged = out_of_fold_predictions(run_dir, manifest, folds, progress, "predictions_averaged", localiser_average=names)
+    plain, averaged = _cascade_variants(run_dir, manifest, folds, names, progress)
     # each variant scored after the postprocessing the CV would choose for it: what predict would give
     scores = [choose_postprocessing(_load_pairs(folder, manifest, scheme), scheme)["dice_after"] for folder in (plain, averaged)]
     choice = choose_average(*scores, per_region=bool(scheme.regions))
@@ -125,6 +124,42 @@ def cascade_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int],
         composed = compose(np.asarray(vol.array), np.asarray(read_mask(other[case_id]).array), scheme, choice["average"])
         write_volume(vol.with_array(composed), out / path.name, dtype=None if path.suffix in (".png", ".tif") else np.uint8)
     return out, choice
+
+
+def _cascade_variants(run_dir: Path, manifest: Manifest, folds: Sequence[int], names: Sequence[str],
+                      progress: bool) -> tuple[Path, Path]:
+    """Each fold's cases predicted by that fold's refiner and localiser in one pass, written twice: the refiner
+    alone (``RUN/cv/predictions_refiner``) and every one of ``names`` averaged with the localiser
+    (``RUN/cv/predictions_averaged``); no postprocessing. A case whose two label maps exist is not predicted again."""
+    from medseg.data.io import read_volume
+    from medseg.inference.inputs import resolve_inputs
+    from medseg.inference.predictor import Predictor, output_done
+
+    plain, averaged = run_dir / "cv" / "predictions_refiner", run_dir / "cv" / "predictions_averaged"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(manifest.cases), desc="cascade, out of fold", unit="case")
+    for k in folds:
+        cases = replace(manifest, cases=tuple(c for c in manifest.cases if c.fold == k))
+        subset = write_manifest(replace(cases, path=None), run_dir / "cv" / f"fold_{k}.csv")
+        predictor = Predictor.from_checkpoint(run_dir / f"fold_{k}", localiser_average=list(names), **_no_postprocessing())
+        for case in resolve_inputs([subset], predictor.loaded.channels):
+            if not (output_done(predictor, case, plain) and output_done(predictor, case, averaged)):
+                images = [read_volume(path) for path in case.images]
+                try:
+                    alone, mean = predictor.cascade_variants(images)
+                except ValidationError as err:  # the scan's check: name the case
+                    raise ValidationError([f"case {case.id}: {line}" for line in err.problems]) from None
+                predictor.write(alone, case, plain)
+                predictor.write(mean, case, averaged)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(case.id)
+    if bar is not None:
+        bar.close()
+    return plain, averaged
 
 
 def _no_postprocessing() -> dict:
