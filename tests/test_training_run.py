@@ -181,7 +181,8 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
             proc.kill()
     done = load_checkpoint(last)["epoch"]
     assert 1 <= done < 4, "the kill must land before the run finished"
-    assert _epochs(run) == list(range(1, done + 1))
+    # metrics.csv is written after the checkpoint: a kill between the two leaves it one epoch behind
+    assert _epochs(run) in (list(range(1, done + 1)), list(range(1, done)))
     # A kill during a checkpoint write leaves the killed process's temporary file (last.pt stays whole); make that
     # case certain instead of a matter of timing: --resume must remove it.
     (last.parent / f".last.pt.{host_tag()}-{proc.pid}.abcd1234.part.pt").write_bytes(b"half a checkpoint")
@@ -194,13 +195,22 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     _assert_same_training(run, tmp_path / "straight")
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (a fixed port fails when another run, or one still closing, holds it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_torchrun_two_cpu_ranks_end_identical(tmp_path):
     """Two gloo ranks through the real trainer, with the batch Dice gathered across them (medseg.losses.AcrossRanks;
     its gradients are checked in test_losses.py): both end with the same weights."""
     pipeline = _pipeline(tmp_path, training__epochs=1, training__iterations_per_epoch=4, loss__batch_dice=True)
     out = tmp_path / "weights"
     script = ROOT / "tests" / "ddp_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(script), str(pipeline), str(tmp_path / "run"), str(out)]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
