@@ -11,9 +11,9 @@ the cases of fold k and trains on the others), then:
 3. writes ``RUN/cv/report`` (``medseg evaluate`` over all out-of-fold cases, postprocessed: one report for all folds).
 
 For a cascade's refiner (:mod:`medseg.inference.cascade`) step 1 writes two label maps per case from one pass of
-both stages, refiner alone and averaged with the localiser; the regions whose mean Dice (each variant after the postprocessing step 2 chooses for it) the average
-raises are averaged from then on (``localiser_average`` in ``RUN/postprocessing.json``), and step 2 runs again on the
-predictions composed from that choice.
+both stages, refiner alone and averaged with the localiser; the regions whose mean Dice (each variant after the
+postprocessing step 2 chooses for it) the average raises are averaged from then on (``localiser_average`` in
+``RUN/postprocessing.json``), and step 2 runs again on the predictions composed from that choice.
 
 The postprocessing is chosen and scored on the same out-of-fold cases, so its gain is slightly optimistic (it is two
 or three discrete choices, not a fit).
