@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -98,6 +99,8 @@ def test_a_warm_start_begins_from_the_weights_of_the_same_fold_of_the_given_run(
               run_dir=source / f"fold_{fold}", progress=False)
     warm = load_pipeline(_pipeline(tmp_path, data__val_fold=1, training__init_from="stage1"))  # relative to the file
     weights = Run.build(warm, RunOptions(tmp_path / "warm", progress=False)).step.bare_model.state_dict()
+    started = json.loads((tmp_path / "warm" / "history.jsonl").read_text().splitlines()[0])
+    assert started["event"] == "start" and started["init_from"] == str(source.resolve() / "fold_1" / "checkpoints" / "last.pt")
     expected = load_checkpoint(source / "fold_1" / "checkpoints" / "last.pt")["state_dict"]
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
     other = load_checkpoint(source / "fold_0" / "checkpoints" / "last.pt")["state_dict"]

@@ -121,8 +121,7 @@ class Run:
         step = ModelStep.build(p, len(channels), setup.out_channels(scheme, p.data.target), device)
         step.check_size(tuple(p.sampling.patch_size), "sampling.patch_size")
         step.check_size(p.roi_size, "inference.roi_size")
-        if previous is None and p.training.init_from:
-            initial_weights(step, p, channels)
+        init = initial_weights(step, p, channels) if previous is None and p.training.init_from else None
         loss = None  # an instance model computes its own loss terms
         if p.data.target != "instances":
             loss = create_loss(p.loss.name, p.data.target, p.loss.batch_dice)
@@ -141,7 +140,8 @@ class Run:
         if previous is not None:
             run.restore(previous, changes)
         if info.is_main:
-            run.record("resume" if previous is not None else "start", changes)
+            run.record("resume" if previous is not None else "start", changes,
+                       **({"init_from": str(init)} if init is not None else {}))
         step.wrap_ddp(info)
         return run
 
@@ -164,10 +164,11 @@ class Run:
             torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
         self.epochs = target_epochs(ckpt, changes or {}, self.p, self.options)
 
-    def record(self, event: str, changes: dict) -> None:
-        """Append one line to ``RUN/history.jsonl``: a start or resume, the epoch, the epochs planned, what changed."""
+    def record(self, event: str, changes: dict, **extra) -> None:
+        """Append one line to ``RUN/history.jsonl``: a start or resume, the epoch, the epochs planned, what changed
+        (and ``extra``: the checkpoint a warm start loaded, ``init_from``)."""
         entry = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "epoch": self.state.epoch, "epochs": self.epochs,
-                 "pid": os.getpid()}
+                 "pid": os.getpid(), **extra}
         if changes:
             entry["changes"] = {k: {"run": old, "given": new} for k, (old, new) in changes.items()}
         if self.options.extend_epochs is not None:
