@@ -393,20 +393,34 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
     if removed:
         warn([f"{output}: removed {len(removed)} temporary file(s) left by a killed run ({', '.join(p.name for p in removed[:3])}"
               f"{' ...' if len(removed) > 3 else ''})"])
-    todo = [c for c in cases if overwrite or not output_done(predictor, c, output)]
+    return predict_cases(predictor, cases, [output], overwrite=overwrite, progress=progress)
+
+
+def predict_cases(predictor: Predictor, cases: Sequence[CaseInput], outputs: Sequence[Path], run=None, *,
+                  overwrite: bool = False, progress: bool = False, desc: str = "predict") -> list[Path]:
+    """Predict each of ``cases`` and write its predictions, one per folder of ``outputs``: ``run(images)`` gives them
+    (default: ``predictor.predict_volumes``, one folder; a cascade's CV: :meth:`Predictor.cascade_variants`, two).
+    A case whose outputs are all done (:func:`_done`) is skipped unless ``overwrite``; a scan's check names its case.
+
+    Returns:
+        The files written (label maps first per case and folder).
+    """
+    run = run or (lambda images: (predictor.predict_volumes(images),))
+    todo = [c for c in cases if overwrite or not all(_done(predictor, c, out) for out in outputs)]
     written: list[Path] = []
     bar = None
     if progress and len(todo) > 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc="predict", unit="case")
+        bar = tqdm(total=len(todo), desc=desc, unit="case")
     for case in todo:
         images = [read_volume(p) for p in case.images]
         try:
-            prediction = predictor.predict_volumes(images)
+            predictions = run(images)
         except ValidationError as err:  # the scan's check: name the case
             raise ValidationError([f"case {case.id}: {line}" for line in err.problems]) from None
-        written += predictor.write(prediction, case, output, images)
+        for prediction, out in zip(predictions, outputs):
+            written += predictor.write(prediction, case, out, images)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(case.id)
@@ -415,7 +429,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
     return written
 
 
-def output_done(predictor: Predictor, case: CaseInput, output: Path) -> bool:
+def _done(predictor: Predictor, case: CaseInput, output: Path) -> bool:
     """True when every output of ``case`` exists and its label map reads with the shape of the scan's first channel;
     a damaged label map (a partial copy, another case's file) is predicted again, with a warning."""
     from medseg.data.checks import warn

@@ -32,7 +32,7 @@ from medseg.atomic import write_text_atomic
 from medseg.data.io import read_label, read_mask, write_volume
 from medseg.data.labels import LabelScheme
 from medseg.data.manifest import Manifest, read_manifest, write_manifest
-from medseg.errors import MedsegError, ValidationError
+from medseg.errors import MedsegError
 from medseg.evaluation.metrics import MetricSettings, compute_metrics
 from medseg.inference.postprocess import PostprocessSettings, postprocess
 from medseg.training import setup
@@ -98,9 +98,8 @@ def out_of_fold_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[i
 
     out = run_dir / "cv" / folder
     for k in folds:
-        cases = replace(manifest, cases=tuple(c for c in manifest.cases if c.fold == k))
-        subset = write_manifest(replace(cases, path=None), run_dir / "cv" / f"fold_{k}.csv")
-        predict(run_dir / f"fold_{k}", subset, out, progress=progress, **_no_postprocessing(), **options)
+        predict(run_dir / f"fold_{k}", _fold_manifest(run_dir, manifest, k), out, progress=progress,
+                **_no_postprocessing(), **options)
     return out
 
 
@@ -131,35 +130,22 @@ def _cascade_variants(run_dir: Path, manifest: Manifest, folds: Sequence[int], n
     """Each fold's cases predicted by that fold's refiner and localiser in one pass, written twice: the refiner
     alone (``RUN/cv/predictions_refiner``) and every one of ``names`` averaged with the localiser
     (``RUN/cv/predictions_averaged``); no postprocessing. A case whose two label maps exist is not predicted again."""
-    from medseg.data.io import read_volume
     from medseg.inference.inputs import resolve_inputs
-    from medseg.inference.predictor import Predictor, output_done
+    from medseg.inference.predictor import Predictor, predict_cases
 
     plain, averaged = run_dir / "cv" / "predictions_refiner", run_dir / "cv" / "predictions_averaged"
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(manifest.cases), desc="cascade, out of fold", unit="case")
     for k in folds:
-        cases = replace(manifest, cases=tuple(c for c in manifest.cases if c.fold == k))
-        subset = write_manifest(replace(cases, path=None), run_dir / "cv" / f"fold_{k}.csv")
         predictor = Predictor.from_checkpoint(run_dir / f"fold_{k}", localiser_average=list(names), **_no_postprocessing())
-        for case in resolve_inputs([subset], predictor.loaded.channels):
-            if not (output_done(predictor, case, plain) and output_done(predictor, case, averaged)):
-                images = [read_volume(path) for path in case.images]
-                try:
-                    alone, mean = predictor.cascade_variants(images)
-                except ValidationError as err:  # the scan's check: name the case
-                    raise ValidationError([f"case {case.id}: {line}" for line in err.problems]) from None
-                predictor.write(alone, case, plain)
-                predictor.write(mean, case, averaged)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(case.id)
-    if bar is not None:
-        bar.close()
+        cases = resolve_inputs([_fold_manifest(run_dir, manifest, k)], predictor.loaded.channels)
+        predict_cases(predictor, cases, [plain, averaged], predictor.cascade_variants, progress=progress,
+                      desc=f"fold {k}, refiner alone and averaged")
     return plain, averaged
+
+
+def _fold_manifest(run_dir: Path, manifest: Manifest, fold: int) -> Path:
+    """``RUN/cv/fold_K.csv``: the cases of one fold, as the input of its model's predictions."""
+    cases = replace(manifest, cases=tuple(c for c in manifest.cases if c.fold == fold))
+    return write_manifest(replace(cases, path=None), run_dir / "cv" / f"fold_{fold}.csv")
 
 
 def _no_postprocessing() -> dict:

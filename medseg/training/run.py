@@ -207,12 +207,12 @@ def initial_weights(step: ModelStep, p: Pipeline, channels: list[str]) -> Path:
     be the same network (name, arguments, input channels in the same order, outputs): a warm start, for instance a
     cascade's refiner from its first stage, which has the refiner's network at a coarser spacing."""
     given = p.resolve(p.training.init_from)
-    source = for_fold(given, p.data.val_fold)
-    if not source.is_file() and not (source / "checkpoints").is_dir():
+    try:
+        path = find_checkpoint(for_fold(given, p.data.val_fold), "last")
+    except MedsegError:
         fold = f" (nor its fold_{p.data.val_fold})" if p.data.val_fold is not None else ""
         raise MedsegError(f"training.init_from {given}: no trained run there{fold}; train it first (a cascade's refiner "
-                          "starts from its first stage: docs/training.md, Cascade) or remove training.init_from")
-    path = find_checkpoint(source, "last")
+                          "starts from its first stage: docs/training.md, Cascade) or remove training.init_from") from None
     ckpt = load_checkpoint(path)
     fix = "train the warm start's model with the same model section and channels, or remove training.init_from"
     if list(ckpt["channels"]) != list(channels):
