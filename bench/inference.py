@@ -21,6 +21,7 @@ the speed notes measured; ``--net medseg-unet`` uses medseg's registry U-Net wit
     python bench/inference.py                               # 5 M-parameter 3D U-Net, roi 128, overlap 0.5
     python bench/inference.py --roi 96 --overlap 0.25 --repeats 5
     python bench/inference.py --model runs/unet3d/checkpoints/best.pt
+    python bench/inference.py --device cuda                 # both paths on the GPU (MONAI stitches there too)
 """
 from __future__ import annotations
 
@@ -132,33 +133,46 @@ def worker(args) -> None:
         from medseg.runtime import tune_allocator
 
         tune_allocator()  # as the medseg command line does
+    device = torch.device(args.device)
     net, _ = build_network(args)
-    net.eval()
+    net = net.to(device).eval()
     image = torch.from_numpy(load_case(Path(args.case), args.model))
     roi = (args.roi,) * 3
     amp = {"medseg": args.amp, "medseg-fp32": "off"}.get(args.worker, "off")
     settings = InferenceSettings(roi_size=roi, overlap=args.overlap, blend="gaussian", sw_batch_size=args.sw_batch_size,
-                                 amp=amp, device="cpu")
-    dtype = autocast_dtype(amp, torch.device("cpu"))
-    if args.worker.startswith("medseg") and dtype == torch.bfloat16:
+                                 amp=amp, device=args.device)
+    dtype = autocast_dtype(amp, device)
+    if args.worker.startswith("medseg") and dtype == torch.bfloat16 and device.type == "cpu":
         net.to(memory_format=channels_last_format(3))
-    warm = torch.zeros((1, 4, *roi))
-    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        net(warm.contiguous(memory_format=channels_last_format(3)) if dtype else warm)  # oneDNN primitive set-up
-    start = time.perf_counter()
-    if args.worker.startswith("medseg"):
-        logits = sliding_window(net, image, settings, fill=-30.0)
-    else:
+
+    def run() -> torch.Tensor:
+        if args.worker.startswith("medseg"):
+            return sliding_window(net, image, settings, fill=-30.0).cpu()  # the scan comes from and returns to host memory
         from monai.inferers import sliding_window_inference
 
-        with torch.inference_mode():
-            logits = sliding_window_inference(image[None], roi, args.sw_batch_size, net, overlap=args.overlap,
-                                              mode="gaussian")[0]
+        with torch.inference_mode():  # MONAI's GPU recipe: the whole volume and the stitching on the device
+            return sliding_window_inference(image[None].to(device), roi, args.sw_batch_size, net, overlap=args.overlap,
+                                            mode="gaussian", sw_device=device, device=device)[0].cpu()
+
+    if device.type == "cuda":
+        run()  # CUDA context, cuDNN algorithm choice and allocator warm-up, as a serving process has them
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        warm = torch.zeros((1, 4, *roi))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            net(warm.contiguous(memory_format=channels_last_format(3)) if dtype else warm)  # oneDNN primitive set-up
+    start = time.perf_counter()
+    logits = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    labels = (logits > 0).numpy()  # sigmoid > 0.5
+    labels = (logits > 0).cpu().numpy()  # sigmoid > 0.5
     np.save(args.out + ".npy", np.packbits(labels))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.out + ".json").write_text(json.dumps({"seconds": seconds, "rss_mb": rss_mb, "shape": list(labels.shape)}))
+    gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    Path(args.out + ".json").write_text(json.dumps({"seconds": seconds, "rss_mb": rss_mb, "gpu_mb": gpu_mb,
+                                                    "shape": list(labels.shape)}))
 
 
 def window_counts(args) -> tuple[int, int, float]:
@@ -196,6 +210,7 @@ def main() -> None:
     p.add_argument("--amp", default="auto", choices=PRECISIONS, help="medseg's mixed precision (MONAI runs fp32)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where both paths run their windows")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -214,7 +229,8 @@ def main() -> None:
             for name in paths:
                 out = os.path.join(tmp, f"{name}-{r}")
                 cmd = [sys.executable, __file__, "--worker", name, "--out", out, "--case", args.case, "--roi", str(args.roi),
-                       "--overlap", str(args.overlap), "--sw-batch-size", str(args.sw_batch_size), "--amp", args.amp]
+                       "--overlap", str(args.overlap), "--sw-batch-size", str(args.sw_batch_size), "--amp", args.amp,
+                       "--device", args.device]
                 cmd += ["--net", args.net, "--net-weight", str(args.net_weight)]
                 cmd += ["--model", args.model] if args.model else []
                 cmd += ["--threads", str(args.threads)] if args.threads else []
@@ -222,26 +238,29 @@ def main() -> None:
                 res = json.loads(Path(out + ".json").read_text())
                 res["labels"] = np.unpackbits(np.load(out + ".npy"))[: int(np.prod(res["shape"]))].reshape(res["shape"]).astype(bool)
                 results[name].append(res)
-                print(f"  run {r + 1} {name:12s} {res['seconds']:7.2f} s  peak RSS {res['rss_mb']:.0f} MB", flush=True)
+                print(f"  run {r + 1} {name:12s} {res['seconds']:7.3f} s  peak RSS {res['rss_mb']:.0f} MB"
+                      f"  peak GPU {res['gpu_mb']:.0f} MB", flush=True)
     ref = results["monai"][0]["labels"]
     truth = reference_regions(Path(args.case), args.model)
     t_monai = statistics.median(x["seconds"] for x in results["monai"])
-    print(f"\n{'path':12s} {'median s':>9s} {'vs MONAI':>9s} {'peak MB':>8s} {'GFLOP/s':>8s} {'floor':>6s}  "
-          "Dice WT/TC/ET vs MONAI, voxel agreement; Dice WT/TC/ET vs ground truth")
+    cuda = args.device.startswith("cuda")
+    print(f"\n{'path':12s} {'median s':>9s} {'vs MONAI':>9s} {'peak MB':>8s} {'GPU MB' if cuda else '':>8s} {'GFLOP/s':>8s} "
+          f"{'' if cuda else 'floor':>6s}  Dice WT/TC/ET vs MONAI, voxel agreement; Dice WT/TC/ET vs ground truth")
     from medseg.inference import cpu_has_bf16
 
     amp_bf16 = args.amp == "bf16" or (args.amp == "auto" and cpu_has_bf16())
     for name in paths:
         t = statistics.median(x["seconds"] for x in results[name])
         rss = max(x["rss_mb"] for x in results[name])
+        gpu = f"{max(x['gpu_mb'] for x in results[name]):8.0f}" if cuda else " " * 8
         windows = full if name == "monai" else ours
         rate = windows * gflop / t
-        floor = FLOOR["bf16" if name == "medseg" and amp_bf16 else "fp32"]
+        floor = "" if cuda else f"{100 * rate / FLOOR['bf16' if name == 'medseg' and amp_bf16 else 'fp32']:5.0f}%"
         lab = results[name][0]["labels"]
         dices = "/".join(f"{dice(lab[i], ref[i]):.4f}" for i in range(3))
         agree = float((lab == ref).all(0).mean())
         gt = "/".join(f"{dice(lab[i], truth[i]):.4f}" for i in range(3)) if truth is not None else "-"
-        print(f"{name:12s} {t:9.2f} {t_monai / t:8.2f}x {rss:8.0f} {rate:8.0f} {100 * rate / floor:5.0f}%  {dices}, {agree:.5f}; {gt}")
+        print(f"{name:12s} {t:9.3f} {t_monai / t:8.2f}x {rss:8.0f} {gpu} {rate:8.0f} {floor:>6s}  {dices}, {agree:.5f}; {gt}")
 
 
 if __name__ == "__main__":

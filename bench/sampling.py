@@ -12,6 +12,7 @@ machine. Rates are measured after the first batch (worker start-up excluded).
     python bench/sampling.py --patch 96 96 96 --workers 0 1 2
     python bench/sampling.py --patch 128 128 128 --cpu-only     # the cost per patch only
     python bench/sampling.py --pipeline pipelines/brats_unet3d_2mm.yaml --manifest data_manifests/brats18.csv
+    python bench/sampling.py --pipeline pipelines/brats_unet3d.yaml --device cuda --workers 4 8 12   # feeding a GPU
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ from medseg.training import setup
 from medseg.training.config import load_pipeline, parse_pipeline
 
 
+PIN = False  # pinned host memory for the batches, as the trainer does when it trains on a GPU
+
+
 def _loader(ds, batch: int, workers: int):
     kw = {"num_workers": workers, "multiprocessing_context": "fork", "prefetch_factor": 4} if workers else {}
-    return torch.utils.data.DataLoader(ds, batch_size=batch, drop_last=True, **kw)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, drop_last=True, pin_memory=PIN, **kw)
 
 
 def cpu_seconds_per_patch(ds) -> float:
@@ -63,19 +67,23 @@ def loader_rate(ds, batch: int, workers: int) -> float:
 class Trainer:
     """The pipeline's model, AdamW and a sigmoid loss: one training step per call (the trainer's work per batch)."""
 
-    def __init__(self, p, in_channels: int, out_channels: int):
+    def __init__(self, p, in_channels: int, out_channels: int, device: torch.device = torch.device("cpu")):
         torch.manual_seed(0)
-        self.model = create_model(p.model.name, p.model.spatial_dims, in_channels, out_channels, **p.model.kwargs)
+        self.device = device
+        self.model = create_model(p.model.name, p.model.spatial_dims, in_channels, out_channels, **p.model.kwargs).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.precision = resolve_precision(p.training.amp, torch.device("cpu"))
+        self.precision = resolve_precision(p.training.amp, device)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with self.precision.autocast():
             out = self.model(x)
         loss = F.binary_cross_entropy_with_logits(out.float(), y.float())
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def fixed_batch_seconds(trainer: Trainer, ds, batch: int, steps: int) -> float:
@@ -112,7 +120,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the step measurements")
     ap.add_argument("--cpu-only", action="store_true", help="only the CPU time per patch (no loader, no training)")
+    ap.add_argument("--device", default="cpu", help="where the training steps run: cpu or cuda")
     args = ap.parse_args()
+    global PIN
+    device = torch.device(args.device)
+    PIN = device.type == "cuda"
     tmp = tempfile.TemporaryDirectory()
     manifest = args.manifest or generate_dataset(Path(tmp.name), 8, SyntheticSpec(shape=(160, 160, 128)), seed=0)
     d = load_pipeline(args.pipeline).to_dict()
@@ -126,9 +138,10 @@ def main() -> None:
     cache = setup.load_cases(p, m, scheme, Path(tmp.name), progress=False)
     cases, batch, patch = list(cache.values()), p.sampling.batch_size, list(p.sampling.patch_size)
     channels = cases[0].image.shape[0]
-    trainer = Trainer(p, channels, setup.out_channels(scheme, p.data.target))
+    trainer = Trainer(p, channels, setup.out_channels(scheme, p.data.target), device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"load average {os.getloadavg()[0]:.1f}; {len(cases)} cases; model {p.model.name} {p.model.kwargs}; patch {patch}, "
-          f"batch {batch}; {trainer.precision.name}, {torch.get_num_threads()} threads")
+          f"batch {batch}; {trainer.precision.name}, {where}; {os.cpu_count()} CPUs")
     settings = (("off", off), ("pipeline (nnU-Net defaults)", p))
     cpu = {name: cpu_seconds_per_patch(setup.PatchDataset(cases, q, scheme, args.batches * batch)) for name, q in settings}
     if args.cpu_only:

@@ -69,6 +69,12 @@ def resolve_device(name: str, local_rank: int = 0) -> "torch.device":
             raise MedsegError(f"device '{name}': CUDA is not available on this machine; use auto or cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            whose = f"this process (torchrun local rank {local_rank}) would use {device}" if name == "cuda" else f"'{name}'"
+            raise MedsegError(f"device: {whose}, but this machine has {count} CUDA device(s), numbered from 0; start at "
+                              f"most {count} process(es) per machine (torchrun --nproc_per_node {count}), or give "
+                              "training.device cpu")
     elif device.type != "cpu":
         raise MedsegError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
     return device

@@ -34,7 +34,7 @@ class Constant(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
-        out = torch.full((x.shape[0], 3, *x.shape[2:]), -20.0) + self.dummy
+        out = torch.full((x.shape[0], 3, *x.shape[2:]), -20.0, device=x.device) + self.dummy
         if self.mode == "everything":
             return -out
         if self.mode == "mild":  # every region at probability sigmoid(1) = 0.73
@@ -296,7 +296,8 @@ def test_a_refiners_validation_is_kept_within_its_localisers_region(tmp_path, sc
     p = parse_pipeline({**base, "cascade": {"localiser": str(tmp_path / "loc_cv"), "margin_mm": 0.0}})
     [inside] = localised([case], [manifest_case], p)  # fold 1's localiser: the bright blob
     np.testing.assert_array_equal(inside.region, blob != 0)
-    settings = InferenceSettings(roi_size=(16, 16, 8), overlap=0.25, sw_batch_size=4, tta=False, amp="off")
+    settings = InferenceSettings(roi_size=(16, 16, 8), overlap=0.25, sw_batch_size=4, tta=False, amp="off",
+                                 device="cpu")  # the Constant models stay on the CPU
     segmenter = Segmenter((Constant("everything"),), Preprocessing(), get_scheme("brats"), "regions", settings)
     assert case_dice(segmenter, inside) == {"WT": 1.0, "TC": 1.0, "ET": 1.0}  # within the region: exactly the blob
     assert case_dice(segmenter, case)["ET"] < 0.02  # alone: every region over the whole image (40 of 16,800 voxels)

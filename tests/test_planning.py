@@ -268,6 +268,21 @@ def test_deep_supervision_heads_fit_the_network_and_the_rule_keeps_them_for_long
         assert deep_supervision_rule(net, SGD_MIN_STEPS - 1)[0] is False
 
 
+def test_loader_processes_one_on_a_cpu_and_enough_to_feed_a_gpu(monkeypatch):
+    """One loader beside CPU training; on a GPU min(12, CPUs - 2), at least 2: 4 fed an H100 half of what a 3D U-Net
+    takes at 128^3 (docs/performance.md, "Feeding a GPU")."""
+    import yaml
+    from medseg.planning import writer
+
+    fp = make_fp([(1.0, 1.0, 1.0)] * 4, [(160, 160, 128)] * 4)
+    gpu = make_plan(fp, Budget(device="cuda", time_budget_min=60, memory_gib=8), fixed_timer(0.05, 0.01))
+    cpu = make_plan(fp, Budget(min_steps=0), fixed_timer(0.5, 0.1))
+    workers = lambda plan: yaml.safe_load(writer.plan_yaml(plan, "p", "m.csv", "f.json"))["data"]["workers"]
+    for cpus, expected in ((32, 12), (16, 12), (8, 6), (2, 2), (None, 2)):
+        monkeypatch.setattr(writer.os, "cpu_count", lambda: cpus)
+        assert workers(gpu) == expected and workers(cpu) == 1, cpus
+
+
 def test_a_long_schedule_writes_deep_supervision_with_the_dynunet_heads():
     """A GPU plan of 10 hours passes SGD_MIN_STEPS: the written file turns deep supervision on and gives dynunet
     (anisotropic spacing) its heads; the model built from the file has them. A short CPU plan leaves it off."""

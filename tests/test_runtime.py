@@ -42,6 +42,19 @@ def test_fp16_needs_cuda_and_bad_devices_are_one_line_errors():
     assert runtime.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_more_ranks_than_gpus_is_a_clear_error_not_a_cuda_crash(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: rank 1 is told what to change (CUDA would say 'invalid device
+    ordinal' from deep inside the first copy)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runtime.resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    with pytest.raises(MedsegError, match=r"local rank 1\) would use cuda:1, but this machine has 1 CUDA device.*"
+                                          r"--nproc_per_node 1.*training.device cpu"):
+        runtime.resolve_device("auto", local_rank=1)
+    with pytest.raises(MedsegError, match="'cuda:3', but this machine has 1 CUDA device"):
+        runtime.resolve_device("cuda:3")
+
+
 def test_precision_autocast_context_runs_in_its_dtype():
     p = runtime.resolve_precision("bf16", torch.device("cpu"))
     with p.autocast():

@@ -18,7 +18,7 @@ TINY = {
     "preprocessing": {"spacing": [1.5, 1.5, 1.5]},  # a resampled grid: scores must still be on the scan's own grid
     "model": {"name": "unet", "kwargs": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}},
     "sampling": {"patch_size": [16, 16, 16], "batch_size": 2},
-    "training": {"epochs": 2, "iterations_per_epoch": 4, "amp": "off"},
+    "training": {"epochs": 2, "iterations_per_epoch": 4, "amp": "off", "device": "cpu"},  # as predict below
     "inference": {"overlap": 0.25},
     "postprocessing": {"min_component_size": 20},
 }

@@ -35,7 +35,9 @@ def init_distributed(device_kind: str) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local)
+            from medseg.runtime import resolve_device
+
+            torch.cuda.set_device(resolve_device("cuda", local))  # more ranks than GPUs: a clear error, not CUDA's
         dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local)
 
