@@ -55,6 +55,23 @@ def test_more_ranks_than_gpus_is_a_clear_error_not_a_cuda_crash(monkeypatch):
         runtime.resolve_device("cuda:3")
 
 
+def test_a_rank_without_its_gpu_stops_before_joining_the_process_group(monkeypatch):
+    """Under torchrun on a GPU machine the NCCL set-up names the missing GPU (seen on an H100 with 2 ranks)."""
+    import torch.distributed as dist
+
+    from medseg.training.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached with a missing GPU"))
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: pytest.fail("joined the process group"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(MedsegError, match=r"local rank 1\) would use cuda:1, but this machine has 1 CUDA device"):
+        init_distributed("cuda")
+
+
 def test_precision_autocast_context_runs_in_its_dtype():
     p = runtime.resolve_precision("bf16", torch.device("cpu"))
     with p.autocast():
