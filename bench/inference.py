@@ -167,7 +167,7 @@ def worker(args) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    labels = (logits > 0).cpu().numpy()  # sigmoid > 0.5
+    labels = (logits > 0).numpy()  # sigmoid > 0.5; both paths return host tensors
     np.save(args.out + ".npy", np.packbits(labels))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0

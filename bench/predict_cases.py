@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from inference import dice  # bench/inference.py: Dice with both masks empty = 1
 
 from medseg.data.labels import get_scheme
 from medseg.inference.inputs import resolve_inputs
@@ -36,10 +37,9 @@ def agreement(ours: Path, reference: Path, scan: Path) -> str:
     a, b, src = nib.load(ours), nib.load(reference), nib.load(scan)
     x, y = np.asarray(a.dataobj), np.asarray(b.dataobj)
     scheme = get_scheme("brats")
-    rx, ry = scheme.to_regions(x), scheme.to_regions(y)
-    dice = [2 * (p & q).sum() / max(int(p.sum()) + int(q.sum()), 1) for p, q in zip(rx, ry)]
+    dices = "/".join(f"{dice(p, q):.4f}" for p, q in zip(scheme.to_regions(x), scheme.to_regions(y)))
     return (f"shape as the scan {x.shape == src.shape}, affine as the scan {np.allclose(a.affine, src.affine)}; "
-            f"against the reference: {(x != y).sum()} voxels differ, Dice WT/TC/ET {'/'.join(f'{d:.4f}' for d in dice)}")
+            f"against the reference: {(x != y).sum()} voxels differ, Dice WT/TC/ET {dices}")
 
 
 def main() -> None:
@@ -64,12 +64,13 @@ def main() -> None:
             prediction = predictor.predict_case(case)
             _sync(where)
             predicted = time.perf_counter()
-            written[case.id] = predictor.write(prediction, case, args.output)
+            written[case.id] = predictor.write(prediction, case, args.output)[0]  # the label map
             print(f"pass {rep + 1} {case.id}: predict {predicted - start:.3f} s, write {time.perf_counter() - predicted:.3f} s",
                   flush=True)
     if args.reference:
         for case in cases:
-            print(f"{case.id}: {agreement(Path(args.output) / f'{case.id}.nii.gz', Path(args.reference) / f'{case.id}.nii.gz', case.images[0].path)}")
+            label = written[case.id]
+            print(f"{case.id}: {agreement(label, Path(args.reference) / label.name, case.images[0].path)}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from medseg.runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,8 +37,6 @@ def init_distributed(device_kind: str) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if backend == "nccl":
-            from medseg.runtime import resolve_device
-
             torch.cuda.set_device(resolve_device("cuda", local))  # more ranks than GPUs: a clear error, not CUDA's
         dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local)
