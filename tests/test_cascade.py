@@ -17,7 +17,7 @@ from medseg.data.volume import Volume
 from medseg.errors import MedsegError
 from medseg.inference import loading
 from medseg.checkpoint import for_fold
-from medseg.inference.cascade import choose_average, compose, region_of, restrict
+from medseg.inference.cascade import choose_mix, region_of, restrict, stage_mixes
 
 SPACING = (1.0, 1.5, 3.0)
 # a non-RAS grid (axes flipped and permuted): the refiner reorients to RAS and back, the region must not move
@@ -208,22 +208,17 @@ def test_averaged_regions_are_the_mean_of_both_stages_within_the_region(tmp_path
         Predictor.from_checkpoint(refiner, localiser_average=["edema"])
 
 
-def test_choose_average_keeps_the_regions_the_average_improves_and_compose_takes_them():
-    plain, averaged = {"WT": 0.8, "TC": 0.7, "ET": 0.6}, {"WT": 0.85, "TC": 0.65, "ET": 0.6}
-    assert choose_average(plain, averaged)["average"] == ["WT"]
-    assert choose_average(plain, averaged, per_region=False)["average"] == []  # mean 0.700 vs 0.700: not raised
-    scheme = get_scheme("brats")
-    refined = np.zeros((6, 6), np.uint8)
-    refined[1:5, 1:5] = 2
-    refined[2:4, 2:4] = 4
-    avg = np.zeros((6, 6), np.uint8)
-    avg[0:6, 0:3] = 2
-    avg[0, 0] = 1
-    out = compose(refined, avg, scheme, ["WT"])
-    np.testing.assert_array_equal(out != 0, (avg != 0) | np.isin(refined, (1, 4)))  # WT from the average
-    np.testing.assert_array_equal(np.isin(out, (1, 4)), np.isin(refined, (1, 4)))  # TC and ET from the refiner
-    np.testing.assert_array_equal(out == 4, refined == 4)
-    assert compose(refined, avg, scheme, []) is refined
+def test_stage_mixes_are_every_subset_of_the_regions_and_the_best_mean_is_chosen():
+    assert stage_mixes(["WT", "TC", "ET"]) == [(), ("WT",), ("TC",), ("ET",), ("WT", "TC"), ("WT", "ET"), ("TC", "ET"),
+                                              ("WT", "TC", "ET")]
+    assert stage_mixes(["a", "b", "c"], per_region=False) == [(), ("a", "b", "c")]  # softmax classes: all or none
+    assert len(stage_mixes([f"r{i}" for i in range(6)])) == 8  # past 16 subsets: none, each alone, all
+    # the mix with the best mean wins although no region alone would choose it: TC averaged costs ET here
+    scores = {(): {"WT": 0.80, "TC": 0.70, "ET": 0.60}, ("WT",): {"WT": 0.85, "TC": 0.70, "ET": 0.60},
+              ("WT", "TC"): {"WT": 0.85, "TC": 0.75, "ET": 0.50}, ("WT", "ET"): {"WT": 0.85, "TC": 0.70, "ET": 0.62}}
+    choice = choose_mix(scores)
+    assert choice["average"] == ["WT", "ET"] and len(choice["mixes"]) == 4
+    assert choose_mix({(): {"WT": 0.8}, ("WT",): {"WT": 0.8}})["average"] == []  # a tie: fewer regions averaged
 
 
 def _cv_of_constant_cascade(tmp_path, scan, margin: float, truth: np.ndarray) -> dict:
@@ -240,14 +235,20 @@ def _cv_of_constant_cascade(tmp_path, scan, margin: float, truth: np.ndarray) ->
     return summarize_cv(tmp_path / "ref", read_manifest(tmp_path / "m.csv"), [0, 1])
 
 
-def test_the_average_is_chosen_on_postprocessed_dice(tmp_path, scan):
+def test_each_stage_mix_is_scored_as_predict_labels_it(tmp_path, scan):
     truth = np.zeros(read_volume(scan[0]).shape, np.uint8)
     truth[20:25, 10:14, 6:8] = 1  # the blob is necrotic core: no ET
     choice = _cv_of_constant_cascade(tmp_path, scan, 4.0, truth)
-    # raw, averaging would win ET too (the refiner's ET is everywhere within 4 mm; averaged, nowhere), but the
-    # small-ET rule chosen for the refiner alone removes its ET as well: a tie, so ET is not averaged
-    assert choice["cascade"]["dice_refiner"]["ET"] == choice["cascade"]["dice_averaged"]["ET"] == 1.0
-    assert choice["cascade"]["average"] == ["WT"] and choice["postprocessing"]["et_min_voxels"] > 0
+    mixes = {tuple(m["average"]): m["dice"] for m in choice["cascade"]["mixes"]}
+    assert len(mixes) == 8
+    # the refiner's TC covers the margin around the blob and a label map's WT holds its TC, so averaging WT alone
+    # changes nothing (a map taking WT from the averaged map and TC/ET from the refiner's would score WT 1.0)
+    assert mixes[("WT",)]["WT"] == mixes[()]["WT"] < 0.5
+    assert mixes[("WT", "TC", "ET")]["WT"] == 1.0 and choice["cascade"]["average"] == ["WT", "TC", "ET"]
+    # what the CV scored is what predict gives the fold ensemble (both folds are the same models)
+    ensemble = predict(tmp_path / "ref", scan, tmp_path / "ens").array
+    np.testing.assert_array_equal(ensemble, read_volume(tmp_path / "ref" / "cv" / "postprocessed" / "c0.nii.gz").array)
+    assert choice["dice_after"] == mixes[("WT", "TC", "ET")]
 
 
 def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predictions(tmp_path, scan):
@@ -259,9 +260,11 @@ def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predic
     # the truth is oedema over the whole region: the refiner alone has its WT (every region everywhere there), the
     # average has no TC and no ET (0.37 outside the blob, 0.5 in it) but only the blob as WT
     assert choice["cascade"]["average"] == ["TC", "ET"] and choice["postprocessing"]["localiser_average"] == ["TC", "ET"]
-    assert choice["cascade"]["dice_refiner"]["WT"] == 1.0 > choice["cascade"]["dice_averaged"]["WT"]
-    # the predictions scored are composed from the choice: WT from the refiner, no TC/ET: the truth itself
-    refined = read_volume(tmp_path / "ref" / "cv" / "predictions_refiner" / "c0.nii.gz").array
+    mixes = {tuple(m["average"]): m["dice"] for m in choice["cascade"]["mixes"]}
+    assert mixes[()]["WT"] == 1.0 > mixes[("WT", "TC", "ET")]["WT"]
+    assert mixes[("ET",)] == {"WT": 1.0, "TC": 0.0, "ET": 1.0}  # the refiner's TC is still everywhere
+    # the predictions scored are the chosen mix's: WT from the refiner, no TC/ET: the truth itself
+    refined = read_volume(tmp_path / "ref" / "cv" / "averaged_none" / "c0.nii.gz").array
     composed = read_volume(tmp_path / "ref" / "cv" / "predictions" / "c0.nii.gz").array
     np.testing.assert_array_equal(refined != 0, region)
     np.testing.assert_array_equal(composed, np.where(region, 2, 0))
@@ -310,16 +313,17 @@ def test_a_refiners_validation_is_kept_within_its_localisers_region(tmp_path, sc
 
 
 @pytest.mark.parametrize("localiser", ["bright", "nothing"])
-def test_one_pass_gives_the_refiner_alone_and_averaged_as_two_predictions_would(tmp_path, scan, localiser):
+def test_one_pass_gives_each_stage_mix_as_its_own_prediction_would(tmp_path, scan, localiser):
     from medseg.inference.predictor import Predictor
 
     checkpoint(tmp_path / "loc", localiser)
     ref = checkpoint(tmp_path / "ref", "mild", localiser=str(tmp_path / "loc"), localiser_margin_mm=4.0)
-    alone = np.asarray(predict(ref, scan, tmp_path / "alone", "--localiser-average", "none").array)
-    averaged = np.asarray(predict(ref, scan, tmp_path / "averaged", "--localiser-average", "WT", "TC", "ET").array)
-    assert (alone != averaged).any() if localiser == "bright" else not (alone.any() or averaged.any())
+    mixes = [(), ("WT",), ("TC", "ET"), ("WT", "TC", "ET")]
+    separate = [np.asarray(predict(ref, scan, tmp_path / f"m{i}", "--localiser-average", *(mix or ["none"])).array)
+                for i, mix in enumerate(mixes)]
+    assert (separate[0] != separate[3]).any() if localiser == "bright" else not any(s.any() for s in separate)
     variants = Predictor.from_checkpoint(ref, localiser_average=["WT", "TC", "ET"]).cascade_variants(
-        [read_volume(f) for f in scan])
-    np.testing.assert_array_equal(variants[0].labels.array, alone)
-    np.testing.assert_array_equal(variants[1].labels.array, averaged)
+        [read_volume(f) for f in scan], mixes)
+    for variant, alone in zip(variants, separate, strict=True):
+        np.testing.assert_array_equal(variant.labels.array, alone)
     assert np.allclose(variants[0].labels.affine, read_volume(scan[0]).affine)

@@ -18,8 +18,9 @@ Everything happens on the scan's own grid, so the geometry of the output is the 
 
 The two stages are also two models of the same scan at two resolutions, and their mean can be better than either
 (nnU-Net ensembles its configurations where cross-validation says so). ``average`` names the regions (or classes)
-whose probabilities are the mean of the localiser's and the refiner's; cross-validation chooses them per region on
-the out-of-fold predictions (:func:`choose_average`, stored with the postprocessing choice in
+whose probabilities are the mean of the localiser's and the refiner's; cross-validation chooses the set of them
+(every subset is scored, :func:`stage_mixes`) on the out-of-fold predictions (:func:`choose_mix`, stored with the
+postprocessing choice in
 ``RUN/postprocessing.json``) and ``medseg predict`` applies the choice to the fold ensemble.
 
 Example:
@@ -118,27 +119,34 @@ def average_stages(refined: np.ndarray, localised: np.ndarray, channels: Sequenc
     return out
 
 
-def choose_average(plain: dict, averaged: dict, per_region: bool = True) -> dict:
-    """Which regions to average: those whose mean out-of-fold Dice (dicts name -> mean Dice) is higher averaged than
-    refined alone; without regions (``per_region=False``, softmax classes) all classes or
-    none, by the mean over classes. Returns ``{"average": [...], "dice_refiner": ..., "dice_averaged": ...}``."""
-    if per_region:
-        chosen = [n for n in plain if averaged[n] > plain[n]]
-    else:
-        chosen = list(plain) if np.mean(list(averaged.values())) > np.mean(list(plain.values())) else []
-    return {"average": chosen, "dice_refiner": dict(plain), "dice_averaged": dict(averaged)}
+MAX_MIXES = 16  # all subsets of up to 4 regions; with more, none, each region alone and all (stage_mixes)
 
 
-def compose(refined: np.ndarray, averaged: np.ndarray, scheme, chosen: Sequence[str]) -> np.ndarray:
-    """A label map taking each chosen region (or, for a scheme without regions, every class when any is chosen)
-    from ``averaged`` and the others from ``refined``: the map the choice would have predicted."""
-    if not chosen:
-        return refined
-    if not scheme.regions:
-        return averaged
-    a, b = scheme.to_regions(refined), scheme.to_regions(averaged)
-    masks = np.stack([b[i] if name in chosen else a[i] for i, name in enumerate(scheme.regions)])
-    return scheme.from_regions(masks).astype(refined.dtype, copy=False)
+def stage_mixes(names: Sequence[str], per_region: bool = True) -> list[tuple[str, ...]]:
+    """The combinations of the two stages the CV compares, each the tuple of regions averaged with the localiser
+    (the others from the refiner alone): every subset of ``names``, none first, then by size in the scheme's order
+    (past :data:`MAX_MIXES` subsets: none, each region alone, all); a softmax model's classes all or none
+    (``per_region=False``: averaging one class of a distribution is not a distribution)."""
+    from itertools import combinations
+
+    names = tuple(names)
+    if not per_region or not names:
+        return [(), names] if names else [()]
+    if 2 ** len(names) > MAX_MIXES:
+        return [(), *((n,) for n in names), names]
+    return [mix for size in range(len(names) + 1) for mix in combinations(names, size)]
+
+
+def choose_mix(scores: dict[tuple[str, ...], dict[str, float]]) -> dict:
+    """The mix (tuple of averaged regions -> mean out-of-fold Dice per region, each mix scored after the
+    postprocessing chosen for it) with the highest mean over the regions; a tie goes to the mix listed first (fewer
+    regions averaged). The regions nest (ET inside TC inside WT), so they are chosen together, from label maps made
+    of each mix's probabilities, not one at a time. Returns ``{"average": [...], "mixes": [{"average", "dice"}]}``."""
+    best = None
+    for mix, dice in scores.items():
+        if best is None or np.mean(list(dice.values())) > np.mean(list(scores[best].values())):
+            best = mix
+    return {"average": list(best), "mixes": [{"average": list(mix), "dice": dict(dice)} for mix, dice in scores.items()]}
 
 
 def cascade_options(overrides: dict, chosen: dict, inference: dict) -> tuple[Optional[str], float, tuple[str, ...]]:

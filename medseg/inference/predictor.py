@@ -224,19 +224,24 @@ class Predictor:
             refined = np.zeros((self.segmenter.out_channels, *region.shape), np.float32)
         return refined, localised, region
 
-    def cascade_variants(self, images: Sequence[Volume]) -> tuple[Prediction, Prediction]:
-        """A cascade's label maps of one scan from one pass of each stage: the refiner alone, and averaged with the
-        localiser as ``first_stage`` averages (the cross-validation chooses between them per region,
+    def cascade_variants(self, images: Sequence[Volume], mixes: Sequence[Sequence[str]]) -> tuple[Prediction, ...]:
+        """A cascade's label maps of one scan, one per mix (the regions, or classes, averaged with the localiser; the
+        others from the refiner alone), from one pass of each stage: what ``predict`` would give with
+        ``localiser_average`` set to each mix (the CV chooses among them,
         :func:`medseg.training.crossval.cascade_predictions`). No CRF, no objects."""
+        from medseg.inference.cascade import average_channels, average_stages
+
         if self.first_stage is None or not self.first_stage.channels:
             raise MedsegError(f"{self.loaded.path}: cascade_variants needs a refiner whose first stage averages "
                               "regions (localiser_average)")
         images = self._checked(images)
         refined, localised, region = self._stages(images)
-        target = self.loaded.target
-        alone = restrict(refined, region, target)
-        averaged = self.first_stage.refine(refined, localised, region, target)
-        return tuple(Prediction(images[0].with_array(self.segmenter.labels(p))) for p in (alone, averaged))
+        target, out = self.loaded.target, []
+        for mix in mixes:
+            channels = average_channels(list(mix), self.loaded.scheme, target, self.segmenter.out_channels)
+            probabilities = restrict(average_stages(refined, localised, channels), region, target)
+            out.append(Prediction(images[0].with_array(self.segmenter.labels(probabilities))))
+        return tuple(out)
 
     def _predict_objects(self, images: Sequence[Volume], prep: Prepared) -> Prediction:
         """An instance model: its objects (one pass) give the instance map, and the label map is the map's objects
@@ -399,7 +404,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
 def predict_cases(predictor: Predictor, cases: Sequence[CaseInput], outputs: Sequence[Path], run=None, *,
                   overwrite: bool = False, progress: bool = False, desc: str = "predict") -> list[Path]:
     """Predict each of ``cases`` and write its predictions, one per folder of ``outputs``: ``run(images)`` gives them
-    (default: ``predictor.predict_volumes``, one folder; a cascade's CV: :meth:`Predictor.cascade_variants`, two).
+    (default: ``predictor.predict_volumes``, one folder; a cascade's CV: :meth:`Predictor.cascade_variants`, one per mix).
     A case whose outputs are all done (:func:`_done`) is skipped unless ``overwrite``; a scan's check names its case.
 
     Returns:

@@ -10,10 +10,12 @@ the cases of fold k and trains on the others), then:
    before/after go to ``RUN/postprocessing.json``; ``medseg predict --model RUN`` applies it to the fold ensemble;
 3. writes ``RUN/cv/report`` (``medseg evaluate`` over all out-of-fold cases, postprocessed: one report for all folds).
 
-For a cascade's refiner (:mod:`medseg.inference.cascade`) step 1 writes two label maps per case from one pass of
-both stages, refiner alone and averaged with the localiser; the regions whose mean Dice (each variant after the
-postprocessing step 2 chooses for it) the average raises are averaged from then on (``localiser_average`` in
-``RUN/postprocessing.json``), and step 2 runs again on the predictions composed from that choice.
+For a cascade's refiner (:mod:`medseg.inference.cascade`) step 1 runs both stages once per case and writes one
+label map per mix: each subset of the regions averaged with the localiser, the others from the refiner alone (8 for
+BraTS' WT/TC/ET). Each mix is scored after the postprocessing step 2 chooses for it, the best mean Dice over the
+regions is averaged from then on (``localiser_average`` in ``RUN/postprocessing.json``), and step 2 runs again on
+its predictions. The regions nest, so they are chosen together: a region taken from another mix's label map would
+already be cut by that map's own outer regions.
 
 The postprocessing is chosen and scored on the same out-of-fold cases, so its gain is slightly optimistic (it is two
 or three discrete choices, not a fit).
@@ -28,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medseg.atomic import write_text_atomic
+from medseg.atomic import atomic_path, write_text_atomic
 from medseg.data.io import read_label, read_mask, write_volume
 from medseg.data.labels import LabelScheme
 from medseg.data.manifest import Manifest, read_manifest, write_manifest
@@ -106,40 +108,44 @@ def out_of_fold_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[i
 def cascade_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int], scheme: LabelScheme,
                         progress: bool) -> tuple[Path, dict]:
     """A cascade's out-of-fold predictions with the regions averaged with the localiser chosen on them
-    (:mod:`medseg.inference.cascade`): every case predicted by the refiner alone and with all regions (or classes)
-    averaged, then each region taken from the variant with the higher mean Dice, each variant scored after the
-    postprocessing chosen for it. Returns the folder of the composed predictions and the choice."""
-    from medseg.inference.cascade import choose_average, compose
+    (:mod:`medseg.inference.cascade`): every case predicted once by both stages and written once per mix (each
+    subset of the regions averaged, the others from the refiner alone, :func:`~medseg.inference.cascade.stage_mixes`);
+    each mix scored after the postprocessing chosen for it, the best mean over the regions kept
+    (:func:`~medseg.inference.cascade.choose_mix`). Returns the folder of the chosen mix's predictions (copied to
+    ``RUN/cv/predictions``) and the choice."""
+    import shutil
+
+    from medseg.inference.cascade import choose_mix, stage_mixes
 
     names = list(scheme.regions) or [n for n in scheme.labels if scheme.labels[n] != 0]
-    plain, averaged = _cascade_variants(run_dir, manifest, folds, names, progress)
-    # each variant scored after the postprocessing the CV would choose for it: what predict would give
-    scores = [choose_postprocessing(_load_pairs(folder, manifest, scheme), scheme)["dice_after"] for folder in (plain, averaged)]
-    choice = choose_average(*scores, per_region=bool(scheme.regions))
+    folders = _cascade_variants(run_dir, manifest, folds, stage_mixes(names, bool(scheme.regions)), progress)
+    # each mix scored after the postprocessing the CV would choose for it: what predict would give
+    scores = {mix: choose_postprocessing(_load_pairs(folder, manifest, scheme), scheme)["dice_after"]
+              for mix, folder in folders.items()}
+    choice = choose_mix(scores)
     out = run_dir / "cv" / "predictions"
-    other = prediction_paths(averaged, manifest)
-    for case_id, path in prediction_paths(plain, manifest).items():
-        vol = read_mask(path)
-        composed = compose(np.asarray(vol.array), np.asarray(read_mask(other[case_id]).array), scheme, choice["average"])
-        write_volume(vol.with_array(composed), out / path.name, dtype=None if path.suffix in (".png", ".tif") else np.uint8)
+    for path in prediction_paths(folders[tuple(choice["average"])], manifest).values():
+        with atomic_path(out / path.name) as tmp:
+            shutil.copyfile(path, tmp)
     return out, choice
 
 
-def _cascade_variants(run_dir: Path, manifest: Manifest, folds: Sequence[int], names: Sequence[str],
-                      progress: bool) -> tuple[Path, Path]:
-    """Each fold's cases predicted by that fold's refiner and localiser in one pass, written twice: the refiner
-    alone (``RUN/cv/predictions_refiner``) and every one of ``names`` averaged with the localiser
-    (``RUN/cv/predictions_averaged``); no postprocessing. A case whose two label maps exist is not predicted again."""
+def _cascade_variants(run_dir: Path, manifest: Manifest, folds: Sequence[int], mixes: Sequence[tuple[str, ...]],
+                      progress: bool) -> dict[tuple[str, ...], Path]:
+    """Each fold's cases predicted by that fold's refiner and localiser in one pass, written once per mix into
+    ``RUN/cv/averaged_<regions>`` (``averaged_none``: the refiner alone); no postprocessing. A case whose label maps
+    all exist is not predicted again."""
     from medseg.inference.inputs import resolve_inputs
     from medseg.inference.predictor import Predictor, predict_cases
 
-    plain, averaged = run_dir / "cv" / "predictions_refiner", run_dir / "cv" / "predictions_averaged"
+    folders = {mix: run_dir / "cv" / ("averaged_" + ("_".join(mix) if mix else "none")) for mix in mixes}
+    every = list(dict.fromkeys(n for mix in mixes for n in mix))
     for k in folds:
-        predictor = Predictor.from_checkpoint(run_dir / f"fold_{k}", localiser_average=list(names), **_no_postprocessing())
+        predictor = Predictor.from_checkpoint(run_dir / f"fold_{k}", localiser_average=every, **_no_postprocessing())
         cases = resolve_inputs([_fold_manifest(run_dir, manifest, k)], predictor.loaded.channels)
-        predict_cases(predictor, cases, [plain, averaged], predictor.cascade_variants, progress=progress,
-                      desc=f"fold {k}, refiner alone and averaged")
-    return plain, averaged
+        predict_cases(predictor, cases, list(folders.values()), lambda images: predictor.cascade_variants(images, mixes),
+                      progress=progress, desc=f"fold {k}, {len(mixes)} stage mixes")
+    return folders
 
 
 def _fold_manifest(run_dir: Path, manifest: Manifest, fold: int) -> Path:
