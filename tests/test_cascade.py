@@ -251,7 +251,7 @@ def test_each_stage_mix_is_scored_as_predict_labels_it(tmp_path, scan):
     assert choice["dice_after"] == mixes[("WT", "TC", "ET")]
 
 
-def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predictions(tmp_path, scan):
+def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predictions(tmp_path, scan, capsys):
     blob = np.zeros(read_volume(scan[0]).shape, bool)
     blob[20:25, 10:14, 6:8] = True  # what the localiser finds
     region = region_of(blob, SPACING, 12.0)
@@ -262,6 +262,8 @@ def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predic
     assert choice["cascade"]["average"] == ["TC", "ET"] and choice["postprocessing"]["localiser_average"] == ["TC", "ET"]
     mixes = {tuple(m["average"]): m["dice"] for m in choice["cascade"]["mixes"]}
     assert mixes[()]["WT"] == 1.0 > mixes[("WT", "TC", "ET")]["WT"]
+    printed = capsys.readouterr().out  # the summary shows every mix and which was chosen
+    assert "TC+ET        WT 1.000  TC 1.000  ET 1.000  <- chosen" in printed and printed.count("<- chosen") == 1
     assert mixes[("ET",)] == {"WT": 1.0, "TC": 0.0, "ET": 1.0}  # the refiner's TC is still everywhere
     # the predictions scored are the chosen mix's: WT from the refiner, no TC/ET: the truth itself
     refined = read_volume(tmp_path / "ref" / "cv" / "averaged_none" / "c0.nii.gz").array

@@ -254,6 +254,12 @@ def summarize_cv(run_dir: Path, manifest: Manifest, folds: Sequence[int], progre
     result = evaluate(final, manifest, scheme, progress=progress)
     write_report(result, run_dir / "cv" / "report")
     summary = result.summary
+    if cascade is not None:
+        print("stage mixes (regions averaged with the localiser: mean out-of-fold Dice, each after its postprocessing):")
+        for mix in cascade["mixes"]:
+            dice = "  ".join(f"{name} {value:.3f}" for name, value in mix["dice"].items())
+            chosen = "  <- chosen" if mix["average"] == cascade["average"] else ""
+            print(f"  {'+'.join(mix['average']) or 'none':<12} {dice}{chosen}")
     print(f"cross-validation ({len(pairs)} cases, {len(folds)} folds), postprocessing {choice['postprocessing']}:")
     print(summary[summary["metric"].isin(["dice", "hd95"]) & (summary["kind"] == ("region" if scheme.regions else "class"))]
           [["target", "metric", "mean", "std", "count"]].to_string(index=False))
