@@ -221,6 +221,16 @@ def test_stage_mixes_are_every_subset_of_the_regions_and_the_best_mean_is_chosen
     assert choose_mix({(): {"WT": 0.8}, ("WT",): {"WT": 0.8}})["average"] == []  # a tie: fewer regions averaged
 
 
+def test_stage_mix_folders_have_safe_names():
+    from medseg.training.crossval import _mix_tag
+
+    assert [_mix_tag(m, ["WT", "TC", "ET"], i) for i, m in enumerate([(), ("WT", "TC"), ("WT", "TC", "ET")])] == \
+        ["none", "WT_TC", "WT_TC_ET"]
+    classes = ["liver", "tumor core", "a/b", "spleen"]
+    assert _mix_tag(classes, classes, 1) == "all" and _mix_tag(("tumor core", "a/b"), classes, 2) == "tumor-core_a-b"
+    assert _mix_tag(tuple(f"organ_{i:02d}" for i in range(8)), ["x"] * 9, 5) == "mix5"  # too long for a folder name
+
+
 def _cv_of_constant_cascade(tmp_path, scan, margin: float, truth: np.ndarray) -> dict:
     """Two folds of a 'bright' localiser and a 'mild' refiner on two copies of the scan labelled ``truth``; the CV summary."""
     from medseg.data.manifest import read_manifest

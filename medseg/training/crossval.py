@@ -138,14 +138,29 @@ def _cascade_variants(run_dir: Path, manifest: Manifest, folds: Sequence[int], m
     from medseg.inference.inputs import resolve_inputs
     from medseg.inference.predictor import Predictor, predict_cases
 
-    folders = {mix: run_dir / "cv" / ("averaged_" + ("_".join(mix) if mix else "none")) for mix in mixes}
     every = list(dict.fromkeys(n for mix in mixes for n in mix))
+    tags = [_mix_tag(mix, every, i) for i, mix in enumerate(mixes)]
+    tags = [tag if tags.count(tag) == 1 else f"mix{i}" for i, tag in enumerate(tags)]  # names that clean alike
+    folders = {mix: run_dir / "cv" / f"averaged_{tag}" for mix, tag in zip(mixes, tags)}
     for k in folds:
         predictor = Predictor.from_checkpoint(run_dir / f"fold_{k}", localiser_average=every, **_no_postprocessing())
         cases = resolve_inputs([_fold_manifest(run_dir, manifest, k)], predictor.loaded.channels)
         predict_cases(predictor, cases, list(folders.values()), lambda images: predictor.cascade_variants(images, mixes),
                       progress=progress, desc=f"fold {k}, {len(mixes)} stage mixes")
     return folders
+
+
+def _mix_tag(mix: Sequence[str], every: Sequence[str], index: int) -> str:
+    """A folder-safe name of a mix: ``none``, ``all`` (every name of a scheme beyond three), the names joined
+    (``WT_TC``), or ``mix<index>`` when that would be long."""
+    import re
+
+    if not mix:
+        return "none"
+    if len(every) > 3 and list(mix) == list(every):
+        return "all"
+    tag = "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(n)) for n in mix)
+    return tag if len(tag) <= 48 else f"mix{index}"
 
 
 def _fold_manifest(run_dir: Path, manifest: Manifest, fold: int) -> Path:
