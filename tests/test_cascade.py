@@ -284,7 +284,11 @@ def test_cross_validation_chooses_the_averaged_regions_on_the_out_of_fold_predic
     # medseg predict on the fold ensemble applies the choice: its probabilities are averaged for TC and ET only
     p_ref = probabilities(tmp_path / "ref", scan, tmp_path / "p_ref", "--localiser-average", "none")
     p_loc = probabilities(tmp_path / "loc", scan, tmp_path / "p_loc")
+    capsys.readouterr()
     p_ens = probabilities(tmp_path / "ref", scan, tmp_path / "p_ens")
+    said = capsys.readouterr().out  # predict says what predicts: both stages' fold ensembles and the chosen average
+    assert "cascade, stage 1: 2 fold models" in said and "cascade, stage 2: 2 fold models" in said
+    assert "averaged with stage 1: TC+ET" in said
     inside = p_ref[..., 0] > 0
     np.testing.assert_allclose(p_ens[inside][:, 1:], 0.5 * (p_ref[inside] + p_loc[inside])[:, 1:], atol=1e-5)
     np.testing.assert_allclose(p_ens[inside][:, 0], p_ref[inside][:, 0], atol=1e-6)

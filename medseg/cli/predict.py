@@ -140,7 +140,7 @@ def run(args) -> int:
         instances = InstanceSettings(args.instances, args.instance_target, args.min_object_size, args.min_object_ml,
                                      args.min_distance, args.score_threshold)
     written = predict(args.model, args.input, args.output, case_id=args.case_id, probabilities=args.probabilities,
-                      instances=instances,
+                      instances=instances, announce=True,
                       overwrite=args.overwrite, shard=shard, overlay=args.overlay, nan_policy=args.nan_policy, crf=args.crf,
                       progress=not args.no_progress and sys.stderr.isatty(),
                       **{k: v for k, v in options.items() if v is not None})

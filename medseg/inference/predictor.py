@@ -174,6 +174,27 @@ class Predictor:
 
     first_stage: FirstStage | None = None  # a cascade's localiser (medseg.inference.cascade)
 
+    def describe(self) -> str:
+        """One line per stage saying what predicts: the model (or the number of fold models), the outputs, TTA, the
+        device and postprocessing; for a cascade the localiser, its margin and the regions averaged with it."""
+        def line(predictor: "Predictor", what: str) -> str:
+            n, loaded, post = len(predictor.segmenter.models), predictor.loaded, predictor.post
+            models = f"{n} fold models" if n > 1 else "1 model"
+            outputs = list(loaded.scheme.regions) if loaded.target == "regions" else list(loaded.scheme.labels)
+            kept = ", ".join(map(str, post.largest_component)) or "none"
+            source = loaded.path.parents[2] if n > 1 else loaded.path  # CV/fold_K/checkpoints/best.pt
+            return (f"{what}: {models} from {source} ({loaded.target} {'/'.join(map(str, outputs))}), TTA "
+                    f"{'on' if predictor.settings.tta else 'off'}, {resolve_device(predictor.settings.device).type}, "
+                    f"largest component kept: {kept}")
+        if self.first_stage is None:
+            return line(self, "model")
+        first = self.first_stage
+        names = [list(self.loaded.scheme.regions)[c] for c in first.channels] if self.loaded.target == "regions" else \
+            (["all classes"] if first.channels else [])
+        return "\n".join([line(first.localiser, "cascade, stage 1"), line(self, "cascade, stage 2"),
+                          f"cascade: stage 2 kept within {first.margin_mm:g} mm of stage 1's foreground; averaged with "
+                          f"stage 1: {'+'.join(names) or 'none'}"])
+
     nan_policy = "error"  # NaN/infinite input voxels: "error", or "zero" (set to 0 with a warning); predict(nan_policy=...)
 
     def predict_volumes(self, images: Sequence[Volume]) -> Prediction:
@@ -347,7 +368,8 @@ def _source(vol: Volume) -> str:
 
 def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output: str | Path, *, case_id: str | None = None,
             probabilities: bool = False, overwrite: bool = False, shard: tuple[int, int] = (0, 1), progress: bool = False,
-            overlay: bool = False, nan_policy: str = "error", crf: bool | dict = False, instances=None, **options) -> list[Path]:
+            overlay: bool = False, nan_policy: str = "error", crf: bool | dict = False, instances=None, announce: bool = False,
+            **options) -> list[Path]:
     """Predict every case named by ``inputs`` with ``model``; write ``<output>/<case_id>.nii.gz`` per case
     (``<case_id>.png`` for 2D images, of the input's width and height; with ``overlay``, ``<case_id>_overlay.png``).
 
@@ -363,6 +385,7 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         instances: also write objects: an :class:`medseg.inference.instances.InstanceSettings`, a method name
             (``"auto"``, ``"components"``, ``"watershed"``, ``"model"``) or True (auto): ``<case_id>_instances.png``
             / ``.nii.gz`` (an instance map on the same grid) and ``<case_id>_instances.json`` (score and size per object).
+        announce: print what predicts (:meth:`Predictor.describe`) before the first case (the command line).
         crf: refine the probabilities with a dense CRF on the scan (:func:`medseg.inference.postprocess.crf_refine`)
             before the labels are taken: True for the defaults, or a dict of its options; needs pydensecrf2.
             The probabilities written (``probabilities=True``) are then the refined ones.
@@ -394,6 +417,8 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
         inputs = [inputs]
     cases = resolve_inputs(list(inputs), predictor.loaded.channels, case_id)
     cases = cases[index::count]
+    if announce and cases:
+        print(predictor.describe(), flush=True)
     removed = sweep_stale(output)
     if removed:
         warn([f"{output}: removed {len(removed)} temporary file(s) left by a killed run ({', '.join(p.name for p in removed[:3])}"
