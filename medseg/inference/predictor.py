@@ -368,8 +368,8 @@ def _source(vol: Volume) -> str:
 
 def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output: str | Path, *, case_id: str | None = None,
             probabilities: bool = False, overwrite: bool = False, shard: tuple[int, int] = (0, 1), progress: bool = False,
-            overlay: bool = False, nan_policy: str = "error", crf: bool | dict = False, instances=None, announce: bool = False,
-            **options) -> list[Path]:
+            overlay: bool = False, nan_policy: str = "error", crf: bool | dict = False, instances=None,
+            announce: bool = False, **options) -> list[Path]:
     """Predict every case named by ``inputs`` with ``model``; write ``<output>/<case_id>.nii.gz`` per case
     (``<case_id>.png`` for 2D images, of the input's width and height; with ``overlay``, ``<case_id>_overlay.png``).
 
@@ -429,7 +429,8 @@ def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], output
 def predict_cases(predictor: Predictor, cases: Sequence[CaseInput], outputs: Sequence[Path], run=None, *,
                   overwrite: bool = False, progress: bool = False, desc: str = "predict") -> list[Path]:
     """Predict each of ``cases`` and write its predictions, one per folder of ``outputs``: ``run(images)`` gives them
-    (default: ``predictor.predict_volumes``, one folder; a cascade's CV: :meth:`Predictor.cascade_variants`, one per mix).
+    (default: ``predictor.predict_volumes``, one folder; a cascade's CV: :meth:`Predictor.cascade_variants`, one per
+    mix).
     A case whose outputs are all done (:func:`_done`) is skipped unless ``overwrite``; a scan's check names its case.
 
     Returns:
