@@ -40,7 +40,7 @@ from medseg.data.io import read_mask, write_volume
 from medseg.evaluation import evaluate
 from medseg.inference.loading import load_model
 from medseg.inference.postprocess import PostprocessSettings, postprocess
-from medseg.inference.predictor import predict
+from medseg.inference.batch import predict
 
 REGIONS = ("WT", "TC", "ET")
 

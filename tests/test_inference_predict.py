@@ -16,7 +16,7 @@ from medseg.data.labels import get_scheme
 from medseg.data.volume import Volume
 from medseg.inference import postprocess as pp
 from medseg.inference import loading
-from medseg.inference import predictor as P
+from medseg.inference import batch as P
 from medseg.inference.inputs import case_id_from_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

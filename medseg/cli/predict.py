@@ -113,7 +113,7 @@ def run(args) -> int:
     from medseg.runtime import tune_allocator
 
     tune_allocator()  # large activations stay mapped between forward passes
-    from medseg.inference.predictor import predict
+    from medseg.inference.batch import predict
 
     shard = parse_shard(args.shard)
     if getattr(args, "model_module", None):

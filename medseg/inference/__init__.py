@@ -22,10 +22,14 @@ def __getattr__(name: str):
         from medseg.inference import engine
 
         return getattr(engine, name)
-    if name in ("Predictor", "Prediction", "load_model", "predict"):
+    if name in ("Predictor", "Prediction", "load_model"):
         from medseg.inference import predictor
 
         return getattr(predictor, name)
+    if name == "predict":
+        from medseg.inference.batch import predict
+
+        return predict
     if name == "PostprocessSettings":
         from medseg.inference.postprocess import PostprocessSettings
 

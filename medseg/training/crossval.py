@@ -13,8 +13,8 @@ the cases of fold k and trains on the others), then:
 For a cascade's refiner (:mod:`medseg.inference.cascade`) step 1 runs both stages once per case and writes one
 label map per mix: each subset of the regions averaged with the localiser, the others from the refiner alone (8 for
 BraTS' WT/TC/ET). Each mix is scored after the postprocessing step 2 chooses for it, the best mean Dice over the
-regions is averaged from then on (``localiser_average`` in ``RUN/postprocessing.json``), and step 2 runs again on
-its predictions. The regions nest, so they are chosen together: a region taken from another mix's label map would
+regions is averaged from then on (``localiser_average`` in ``RUN/postprocessing.json``) with the postprocessing
+chosen for it. The regions nest, so they are chosen together: a region taken from another mix's label map would
 already be cut by that map's own outer regions.
 
 The postprocessing is chosen and scored on the same out-of-fold cases, so its gain is slightly optimistic (it is two
@@ -95,8 +95,8 @@ def train_folds(p: Pipeline, run_dir: str | Path, folds: str = "all", resume: bo
 def out_of_fold_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int], progress: bool,
                             folder: str = "predictions", **options) -> Path:
     """Predict the cases of each fold with that fold's model into ``run_dir/cv/<folder>`` (no postprocessing;
-    ``options`` as :func:`medseg.inference.predictor.predict` takes them)."""
-    from medseg.inference.predictor import predict
+    ``options`` as :func:`medseg.inference.batch.predict` takes them)."""
+    from medseg.inference.batch import predict
 
     out = run_dir / "cv" / folder
     for k in folds:
@@ -106,13 +106,14 @@ def out_of_fold_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[i
 
 
 def cascade_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int], scheme: LabelScheme,
-                        progress: bool) -> tuple[Path, dict]:
+                        progress: bool) -> tuple[Path, dict, dict]:
     """A cascade's out-of-fold predictions with the regions averaged with the localiser chosen on them
     (:mod:`medseg.inference.cascade`): every case predicted once by both stages and written once per mix (each
     subset of the regions averaged, the others from the refiner alone, :func:`~medseg.inference.cascade.stage_mixes`);
     each mix scored after the postprocessing chosen for it, the best mean over the regions kept
     (:func:`~medseg.inference.cascade.choose_mix`). Returns the folder of the chosen mix's predictions (copied to
-    ``RUN/cv/predictions``) and the choice."""
+    ``RUN/cv/predictions``), the mix choice and the chosen mix's postprocessing choice
+    (:func:`choose_postprocessing`)."""
     import shutil
 
     from medseg.inference.cascade import choose_mix, stage_mixes
@@ -120,14 +121,14 @@ def cascade_predictions(run_dir: Path, manifest: Manifest, folds: Sequence[int],
     names = list(scheme.regions) or [n for n in scheme.labels if scheme.labels[n] != 0]
     folders = _cascade_variants(run_dir, manifest, folds, stage_mixes(names, bool(scheme.regions)), progress)
     # each mix scored after the postprocessing the CV would choose for it: what predict would give
-    scores = {mix: choose_postprocessing(_load_pairs(folder, manifest, scheme), scheme)["dice_after"]
-              for mix, folder in folders.items()}
-    choice = choose_mix(scores)
+    post = {mix: choose_postprocessing(_load_pairs(folder, manifest, scheme), scheme) for mix, folder in folders.items()}
+    choice = choose_mix({mix: c["dice_after"] for mix, c in post.items()})
+    chosen = tuple(choice["average"])
     out = run_dir / "cv" / "predictions"
-    for path in prediction_paths(folders[tuple(choice["average"])], manifest).values():
+    for path in prediction_paths(folders[chosen], manifest).values():
         with atomic_path(out / path.name) as tmp:
             shutil.copyfile(path, tmp)
-    return out, choice
+    return out, choice, post[chosen]
 
 
 def _cascade_variants(run_dir: Path, manifest: Manifest, folds: Sequence[int], mixes: Sequence[tuple[str, ...]],
@@ -136,7 +137,8 @@ def _cascade_variants(run_dir: Path, manifest: Manifest, folds: Sequence[int], m
     ``RUN/cv/averaged_<regions>`` (``averaged_none``: the refiner alone); no postprocessing. A case whose label maps
     all exist is not predicted again."""
     from medseg.inference.inputs import resolve_inputs
-    from medseg.inference.predictor import Predictor, predict_cases
+    from medseg.inference.batch import predict_cases
+    from medseg.inference.predictor import Predictor
 
     every = list(dict.fromkeys(n for mix in mixes for n in mix))
     tags = [_mix_tag(mix, every, i) for i, mix in enumerate(mixes)]
@@ -249,16 +251,13 @@ def summarize_cv(run_dir: Path, manifest: Manifest, folds: Sequence[int], progre
 
     first = load_model(run_dir / f"fold_{folds[0]}")
     scheme = first.scheme
-    cascade = None
     if first.inference.get("localiser"):  # a cascade's refiner: which regions to average with the localiser first
-        raw, cascade = cascade_predictions(run_dir, manifest, folds, scheme, progress)
-    else:
-        raw = out_of_fold_predictions(run_dir, manifest, folds, progress)
-    pairs = _load_pairs(raw, manifest, scheme)
-    choice = choose_postprocessing(pairs, scheme)
-    if cascade is not None:
+        raw, cascade, choice = cascade_predictions(run_dir, manifest, folds, scheme, progress)
         choice["postprocessing"]["localiser_average"] = cascade["average"]
         choice["cascade"] = cascade
+    else:
+        raw, cascade = out_of_fold_predictions(run_dir, manifest, folds, progress), None
+        choice = choose_postprocessing(_load_pairs(raw, manifest, scheme), scheme)
     write_text_atomic(run_dir / "postprocessing.json", json.dumps(choice, indent=2) + "\n")
     post = PostprocessSettings.from_dict(choice["postprocessing"])
     final = run_dir / "cv" / "postprocessed"
@@ -275,7 +274,7 @@ def summarize_cv(run_dir: Path, manifest: Manifest, folds: Sequence[int], progre
             dice = "  ".join(f"{name} {value:.3f}" for name, value in mix["dice"].items())
             chosen = "  <- chosen" if mix["average"] == cascade["average"] else ""
             print(f"  {'+'.join(mix['average']) or 'none':<12} {dice}{chosen}")
-    print(f"cross-validation ({len(pairs)} cases, {len(folds)} folds), postprocessing {choice['postprocessing']}:")
+    print(f"cross-validation ({choice['cases']} cases, {len(folds)} folds), postprocessing {choice['postprocessing']}:")
     print(summary[summary["metric"].isin(["dice", "hd95"]) & (summary["kind"] == ("region" if scheme.regions else "class"))]
           [["target", "metric", "mean", "std", "count"]].to_string(index=False))
     return choice
