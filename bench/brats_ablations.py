@@ -23,6 +23,13 @@ out-of-fold and postprocessed): mean Dice per region, the cases each run wins, a
 signed-rank p-value of the differences::
 
     python bench/brats_ablations.py compare runs/brats_cv3 runs/old_cv
+
+``contrast``: why a region fails where it does. For each case of a cross-validation run, its out-of-fold Dice and
+volumes for one region (``RUN/cv/report``, postprocessed) beside each channel's mean intensity, z-scored over the
+channel's non-zero voxels as training normalises it, inside the expert's region, inside the rest of the expert's
+tumour core (for ET: necrosis), and inside what the run predicted outside the expert's region; sorted by Dice::
+
+    python bench/brats_ablations.py contrast runs/warm_mix --region ET
 """
 from __future__ import annotations
 
@@ -145,6 +152,48 @@ def ceiling(pipeline_path: Path, manifest_path: Path) -> None:
         print(f"{name}: " + " ".join(f"{r} {d:.3f}" for r, d in zip(names, mean)), flush=True)
 
 
+def contrast(run: Path, manifest_path: Path, region: str) -> None:
+    import pandas as pd
+
+    from medseg.data.io import read_volume
+    from medseg.data.labels import get_scheme
+
+    manifest = read_manifest(manifest_path)
+    scheme = get_scheme(manifest.label_scheme)
+    if region not in scheme.region_names:
+        raise SystemExit(f"{region}: not a region of the scheme {scheme.name} ({', '.join(scheme.region_names)})")
+    report = pd.read_csv(run / "cv" / "report" / "cases.csv")
+    report = report[(report.kind == "region") & (report.target == region)].drop_duplicates("id").set_index("id")
+    index = scheme.region_names.index(region)
+    core = scheme.region_names[index - 1] if index else None  # the region the scheme nests this one in (ET: TC)
+    rows = []
+    for case in manifest.cases:
+        if case.id not in report.index:
+            raise SystemExit(f"{case.id}: not in {run / 'cv' / 'report' / 'cases.csv'}; give the run's own manifest")
+        truth = scheme.to_regions(scheme.decode(read_mask(case.label).array, str(case.label))).astype(bool)
+        predicted_path = Path(report.loc[case.id, "prediction"])
+        predicted = scheme.to_regions(scheme.decode(read_mask(predicted_path).array, str(predicted_path),
+                                                    prediction=True)).astype(bool)
+        masks = {"ref": truth[index], "false+": predicted[index] & ~truth[index]}
+        if core is not None:
+            masks[f"{core}-{region}"] = truth[index - 1] & ~truth[index]
+        row = {"id": case.id, "dice": report.loc[case.id, "dice"], "ref_ml": report.loc[case.id, "ref_ml"],
+               "pred_ml": report.loc[case.id, "pred_ml"]}
+        for channel, ref in case.images.items():
+            image = np.asarray(read_volume(ref).array, np.float32)
+            nonzero = image[image != 0]
+            z = (image - nonzero.mean()) / max(float(nonzero.std()), 1e-8)
+            for name, mask in masks.items():
+                row[f"{channel} {name}"] = float(z[mask].mean()) if mask.any() else float("nan")
+        rows.append(row)
+        print(case.id, flush=True)
+    table = pd.DataFrame(rows).set_index("id").sort_values("dice")
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(f"{region}: out-of-fold Dice of {run} and mean z-scored intensity per channel inside the expert's "
+              f"region (ref), {f'the rest of {core} ({core}-{region}), ' if core else ''}and the false positives")
+        print(table.round(2).to_string())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -158,6 +207,10 @@ def main() -> None:
     c = sub.add_parser("ceiling", help="Dice of a perfect model at a pipeline's spacing (label resampling there and back)")
     c.add_argument("--pipeline", type=Path, default=Path("pipelines/brats_planned.yaml"))
     c.add_argument("--manifest", type=Path, default=Path("data_manifests/brats18_20.csv"))
+    r = sub.add_parser("contrast", help="a region's out-of-fold Dice per case beside each channel's intensity there")
+    r.add_argument("run", type=Path)
+    r.add_argument("--region", default="ET")
+    r.add_argument("--manifest", type=Path, default=Path("data_manifests/brats18_20.csv"))
     for q in (t, p):
         q.add_argument("--manifest", type=Path, default=Path("data_manifests/brats18_20.csv"))
         q.add_argument("--output", type=Path, required=True)
@@ -166,6 +219,8 @@ def main() -> None:
         ceiling(args.pipeline, args.manifest)
     elif args.what == "compare":
         compare(*args.runs)
+    elif args.what == "contrast":
+        contrast(args.run, args.manifest, args.region)
     elif args.what == "tta":
         tta(args.run, args.manifest, args.output)
     else:
