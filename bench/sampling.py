@@ -13,6 +13,7 @@ machine. Rates are measured after the first batch (worker start-up excluded).
     python bench/sampling.py --patch 128 128 128 --cpu-only     # the cost per patch only
     python bench/sampling.py --pipeline pipelines/brats_unet3d_2mm.yaml --manifest data_manifests/brats18.csv
     python bench/sampling.py --pipeline pipelines/brats_unet3d.yaml --device cuda --workers 4 8 12   # feeding a GPU
+    python bench/sampling.py --manifest data_manifests/brats18_20.csv --cache disk   # cases memory-mapped from .npy
 """
 from __future__ import annotations
 
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the step measurements")
     ap.add_argument("--cpu-only", action="store_true", help="only the CPU time per patch (no loader, no training)")
     ap.add_argument("--device", default="cpu", help="where the training steps run: cpu or cuda")
+    ap.add_argument("--cache", choices=("memory", "disk"), default="memory",
+                    help="data.cache: disk writes the prepared cases to a temporary folder and maps them from there")
     args = ap.parse_args()
     global PIN
     device = torch.device(args.device)
@@ -128,7 +131,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     manifest = args.manifest or generate_dataset(Path(tmp.name), 8, SyntheticSpec(shape=(160, 160, 128)), seed=0)
     d = load_pipeline(args.pipeline).to_dict()
-    d["data"] = {"manifest": str(Path(manifest).resolve()), "label_scheme": "brats", "val_fold": None}
+    d["data"] = {"manifest": str(Path(manifest).resolve()), "label_scheme": "brats", "val_fold": None, "cache": args.cache}
     d["sampling"].update({k: v for k, v in (("patch_size", args.patch), ("batch_size", args.batch)) if v is not None})
     d["inference"]["roi_size"] = None
     p = parse_pipeline(d)
@@ -141,7 +144,7 @@ def main() -> None:
     trainer = Trainer(p, channels, setup.out_channels(scheme, p.data.target), device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"load average {os.getloadavg()[0]:.1f}; {len(cases)} cases; model {p.model.name} {p.model.kwargs}; patch {patch}, "
-          f"batch {batch}; {trainer.precision.name}, {where}; {os.cpu_count()} CPUs")
+          f"batch {batch}; {trainer.precision.name}, {where}; {os.cpu_count()} CPUs; cases cached in {args.cache}")
     settings = (("off", off), ("pipeline (nnU-Net defaults)", p))
     cpu = {name: cpu_seconds_per_patch(setup.PatchDataset(cases, q, scheme, args.batches * batch)) for name, q in settings}
     if args.cpu_only:

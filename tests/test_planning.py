@@ -283,6 +283,29 @@ def test_loader_processes_one_on_a_cpu_and_enough_to_feed_a_gpu(monkeypatch):
         assert workers(gpu) == expected and workers(cpu) == 1, cpus
 
 
+def test_cases_over_half_the_memory_are_cached_on_disk_and_leave_the_budget_to_the_step(monkeypatch):
+    """A dataset whose prepared cases fit half the memory is cached in memory and counted in a CPU budget; a larger
+    one (BraTS' 285 cases at 1 mm: 15 GiB) is written as .npy files and memory-mapped, and the step keeps the
+    budget: the plan is written, not refused. A GPU plan measures against this machine's memory."""
+    import yaml
+    from medseg.planning import writer
+
+    few, many = (make_fp([(1.0, 1.0, 1.0)] * n, [(140, 170, 140)] * n, channels=BRATS_CHANNELS) for n in (20, 285))
+    assert P.prepared_bytes(many, (1.0, 1.0, 1.0)) / 2**30 == pytest.approx(15.0, abs=0.1)
+    small, large = (make_plan(fp, Budget(min_steps=0), fixed_timer(0.5, 0.1)) for fp in (few, many))
+    cache = lambda plan: yaml.safe_load(writer.plan_yaml(plan, "p", "m.csv", "f.json"))["data"]["cache"]
+    assert (small.cache, cache(small), large.cache, cache(large)) == ("memory", "memory", "disk", "disk")
+    assert "over half of the 8 GiB budget" in large.notes["cache"]
+    room = lambda fp: P.available_memory(fp, (1.0, 1.0, 1.0), Budget())[0]
+    assert room(few) == pytest.approx(P.Budget().memory_bytes - P.prepared_bytes(few, (1, 1, 1)) - 2**30)
+    assert room(many) == P.Budget().memory_bytes - 2**30  # mapped cases are the page cache's, not the step's
+    assert P.cache_rule(few, (2.0, 2.0, 2.0), Budget(memory_gib=1.5))[0] == "memory"  # 1/8 of the voxels at 2 mm
+    monkeypatch.setattr(P, "host_memory_bytes", lambda: 64 * 2**30)
+    assert P.cache_rule(many, (1.0, 1.0, 1.0), Budget(device="cuda", memory_gib=80))[0] == "memory"
+    monkeypatch.setattr(P, "host_memory_bytes", lambda: 16 * 2**30)
+    assert P.cache_rule(many, (1.0, 1.0, 1.0), Budget(device="cuda", memory_gib=80))[0] == "disk"
+
+
 def test_a_long_schedule_writes_deep_supervision_with_the_dynunet_heads():
     """A GPU plan of 10 hours passes SGD_MIN_STEPS: the written file turns deep supervision on and gives dynunet
     (anisotropic spacing) its heads; the model built from the file has them. A short CPU plan leaves it off."""
@@ -477,6 +500,10 @@ def test_cascade_splits_the_epochs_and_refines_with_the_same_network_at_the_data
     assert refiner.tta == P.tta_rule(refiner.design, coarse.timing, coarse.overlap)[0]
     budget = coarse.budget.time_budget_min
     assert stage1.budget.time_budget_min + refiner.budget.time_budget_min == pytest.approx(budget)
+    # each stage caches its own grid's cases: 140 cases of 1 mm fit half of 8 GiB at the coarse grid, not at 1 mm
+    many = make_fp([(1.0, 1.0, 1.0)] * 140, [(140, 170, 140)] * 140, BRATS_CHANNELS, folds=[i % 5 for i in range(140)])
+    stage1, refiner = plan_cascade(make_plan(many, Budget(min_steps=1000), flops_timer(0.002)), many, "../runs/x")
+    assert (stage1.cache, refiner.cache) == ("memory", "disk") and "over half" in refiner.notes["cache"]
     with pytest.raises(MedsegError, match="nothing for a second stage"):
         plan_cascade(make_plan(fp, Budget(min_steps=0), flops_timer(0.002)), fp, "../runs/x")
 

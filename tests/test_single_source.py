@@ -176,8 +176,8 @@ def test_disk_cache_of_cases_with_channel_refs(tmp_path):
     case = Case("a", {"ct": ImageRef(four, 0), "pet": ImageRef(four, 1)})
     prep = Preprocessing(orientation=None, crop_foreground=False, normalize="none")
     first = CaseCache([case], prep, None, cache_dir=tmp_path / "cache", workers=1)["a"]
-    assert len(list((tmp_path / "cache").glob("a_*.npz"))) == 1
-    again = CaseCache([case], prep, None, cache_dir=tmp_path / "cache", workers=1)["a"]  # read from the .npz
+    assert len(list((tmp_path / "cache").glob("a_*"))) == 1
+    again = CaseCache([case], prep, None, cache_dir=tmp_path / "cache", workers=1)["a"]  # mapped from the folder
     np.testing.assert_array_equal(again.image, np.moveaxis(array, -1, 0))
     np.testing.assert_array_equal(again.image, first.image)
 
@@ -196,7 +196,7 @@ def test_disk_cache_of_an_older_label_resampling_is_prepared_again(tmp_path, mon
     dataset.CaseCache([case], prep, None, cache_dir=tmp_path / "cache", workers=1)
     monkeypatch.undo()
     dataset.CaseCache([case], prep, None, cache_dir=tmp_path / "cache", workers=1)
-    assert len(list((tmp_path / "cache").glob("a_*.npz"))) == 2  # not the old file
+    assert len(list((tmp_path / "cache").glob("a_*"))) == 2  # not the old folder
 
 
 # ----------------------------------------------------------------------------- one demo pipeline

@@ -94,6 +94,20 @@ def test_foreground_fraction_is_respected():
     assert abs(hits / 3000 - expected) < 0.03
 
 
+def test_foreground_centres_are_drawn_over_all_foreground_voxels_as_one_list():
+    """The foreground sampler draws one voxel of all classes without joining their coordinates (they may be
+    memory-mapped): the same centre as drawing from the joined list, so runs keep their patches."""
+    label = _label()
+    label[0:10, 0:10, 0:10] = np.where(label[0:10, 0:10, 0:10] == 0, 2, label[0:10, 0:10, 0:10])
+    coords = _class_coords(label)
+    joined = np.concatenate([coords[v] for v in coords])
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(500):
+        centre = choose_centre("foreground", label.shape, coords, a, 1.0)
+        b.random()  # the foreground-fraction draw
+        assert centre == tuple(int(x) for x in joined[b.integers(len(joined))])
+
+
 def test_class_balanced_draws_each_class_equally():
     label = _label()
     label[0:10, 0:10, 0:10] = np.where(label[0:10, 0:10, 0:10] == 0, 2, label[0:10, 0:10, 0:10])  # a big class 2
@@ -194,7 +208,7 @@ def test_soft_targets_from_the_prepared_case_to_the_batch(tmp_path):
     scheme = get_scheme("brats")
     caches = [CaseCache([case], prep, scheme, cache_dir=tmp_path / "cache", workers=1, soft_targets=soft)["a"]
               for soft in (False, True, True)]  # the third is read back from the disk cache
-    assert len(list((tmp_path / "cache").glob("a_*.npz"))) == 2
+    assert len(list((tmp_path / "cache").glob("a_*"))) == 2
     hard, soft, again = caches
     assert hard.soft is None and soft.soft.shape == (3, 12, 11, 10) and np.array_equal(again.soft, soft.soft)
     assert np.array_equal(soft.label, hard.label)  # the label (patch centres) is unchanged

@@ -370,4 +370,7 @@ def augment_patch(image: np.ndarray, label: Optional[np.ndarray], centre: Sequen
     lab = None if label is None else label[(Ellipsis, *view)]
     if lab is not None and _is_soft(lab) and lab.dtype != np.float32:
         lab = lab.astype(np.float32)
-    return apply(image[(slice(None), *view)], lab, params, patch_size, tuple(a - b for a, b in zip(start, lo)))
+    region = image[(slice(None), *view)]
+    if not region.flags.writeable:  # memory-mapped (data.cache: disk): read the patch and its margin once, here
+        region, lab = np.array(region), None if lab is None else np.array(lab)
+    return apply(region, lab, params, patch_size, tuple(a - b for a, b in zip(start, lo)))

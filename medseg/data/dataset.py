@@ -3,7 +3,9 @@
 A :class:`CaseData` holds one case on the prepared grid (reoriented, cropped, normalised), its label values,
 optionally each region's share of every prepared voxel (soft targets) and the voxel coordinates of each class, computed once per case so that choosing
 foreground patch centres costs nothing per patch. :class:`CaseCache` loads cases in worker threads and keeps
-them in memory, optionally also on disk (``.npz`` keyed by the files and the preprocessing) so a second run
+them in memory, or (``cache_dir``, ``data.cache: disk``) writes each prepared case once to a folder of ``.npy``
+files keyed by the files and the preprocessing and maps them from there: a dataset larger than the memory trains,
+patches read only the pages they touch, the operating system keeps in its page cache what fits, and a second run
 starts at once.
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Sequence
 
 import numpy as np
 
-from medseg.atomic import atomic_path
 from medseg.data.checks import check_images
 from medseg.data.io import read_mask, read_volume
 from medseg.data.labels import IGNORE, LabelScheme
@@ -94,6 +95,55 @@ def load_case(case: Case, preprocessing: Preprocessing, scheme: LabelScheme | No
     return CaseData(case.id, prepared.image, label, _class_coords(label, scheme), replace(prepared, image=None, label=None, masks=None), soft)
 
 
+_COMPLETE = "geometry.npz"  # written last: a case folder without it is incomplete and prepared again
+
+
+def _write_case(data: CaseData, folder: Path) -> None:
+    """One prepared case as ``.npy`` files (mapped by :func:`_map_case`) plus its geometry and the offsets of its
+    class coordinates; written in a temporary folder renamed into place, so a killed run leaves no half case."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+    try:
+        np.save(tmp / "image.npy", np.ascontiguousarray(data.image))
+        if data.label is not None:
+            np.save(tmp / "label.npy", np.ascontiguousarray(data.label))
+        if data.soft is not None:
+            np.save(tmp / "soft.npy", np.ascontiguousarray(data.soft))
+        values = sorted(data.class_coords)
+        ndim = data.image.ndim - 1
+        coords = [data.class_coords[v] for v in values]
+        np.save(tmp / "coords.npy", np.concatenate(coords) if coords else np.zeros((0, ndim), np.int32))
+        counts = np.asarray([len(c) for c in coords], np.int64)
+        with open(tmp / _COMPLETE, "wb") as fh:
+            np.savez(fh, class_values=np.asarray(values, np.int64), class_counts=counts, **_geometry_arrays(data.geometry))
+        if folder.exists() and not (folder / _COMPLETE).exists():  # not written by this function: damaged
+            shutil.rmtree(folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process wrote the same case first: same key, same content
+            if not (folder / _COMPLETE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _map_case(case_id: str, folder: Path) -> CaseData:
+    """A case written by :func:`_write_case`, its arrays memory-mapped read-only."""
+    def mapped(name: str) -> np.ndarray | None:
+        path = folder / name
+        return np.load(path, mmap_mode="r") if path.exists() else None
+
+    with np.load(folder / _COMPLETE) as z:
+        geometry = _geometry_from(z)
+        values, counts = z["class_values"], z["class_counts"]
+    coords, ends = mapped("coords.npy"), np.cumsum(counts)
+    class_coords = {int(v): coords[end - n:end] for v, n, end in zip(values, counts, ends)}
+    return CaseData(case_id, mapped("image.npy"), mapped("label.npy"), class_coords, geometry, mapped("soft.npy"))
+
+
 _GEOMETRY = ("affine", "original_shape", "original_affine", "ornt", "oriented_shape", "resampled_shape", "bbox")
 
 
@@ -115,7 +165,8 @@ LABEL_RESAMPLING_VERSION = 2  # 2: each value's share, aligned with the image (1
 
 
 class CaseCache:
-    """Prepared cases by id, loaded once (threads) and kept in memory; ``cache_dir`` adds a disk cache."""
+    """Prepared cases by id, loaded once (threads) and kept in memory; with ``cache_dir``, memory-mapped from a
+    folder of ``.npy`` files per case (written on first use, atomically), so the cases need not fit in memory."""
 
     def __init__(self, cases: Sequence[Case], preprocessing: Preprocessing, scheme: LabelScheme | None,
                  cache_dir: str | Path | None = None, workers: int = 2, progress: bool = False, nan_policy: str = "error",
@@ -147,21 +198,10 @@ class CaseCache:
     def _load(self, case: Case) -> CaseData:
         if self.cache_dir is None:
             return load_case(case, self.preprocessing, self.scheme, self.nan_policy, self.soft_targets)
-        path = self.cache_dir / f"{case.id}_{self._key(case)}.npz"
-        if path.exists():
-            with np.load(path) as z:
-                geometry = _geometry_from(z)
-                if geometry is not None:  # a cache written before geometry was kept is prepared again
-                    label = z["label"] if "label" in z.files else None
-                    soft = z["soft"] if "soft" in z.files else None
-                    return CaseData(case.id, z["image"], label, _class_coords(label, self.scheme), geometry, soft)
-        data = load_case(case, self.preprocessing, self.scheme, self.nan_policy, self.soft_targets)
-        with atomic_path(path, suffix=".npz") as tmp:
-            arrays = {"image": data.image} | ({"label": data.label} if data.label is not None else {}) | _geometry_arrays(data.geometry)
-            arrays |= {"soft": data.soft} if data.soft is not None else {}
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        return data
+        folder = self.cache_dir / f"{case.id}_{self._key(case)}"
+        if not (folder / _COMPLETE).exists():
+            _write_case(load_case(case, self.preprocessing, self.scheme, self.nan_policy, self.soft_targets), folder)
+        return _map_case(case.id, folder)
 
     def __getitem__(self, case_id: str) -> CaseData:
         return self.cases[case_id]

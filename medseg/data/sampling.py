@@ -37,9 +37,13 @@ def choose_centre(sampler: str, shape: Sequence[int], class_coords: Mapping[int,
     if sampler != "uniform" and present and rng.random() < foreground_fraction:
         if sampler == "class_balanced":
             coords = class_coords[present[rng.integers(len(present))]]
-        else:
-            coords = np.concatenate([class_coords[v] for v in present]) if len(present) > 1 else class_coords[present[0]]
-        return tuple(int(x) for x in coords[rng.integers(len(coords))])
+            return tuple(int(x) for x in coords[rng.integers(len(coords))])
+        # one voxel of all foreground classes, drawn without joining their coordinates (memory-mapped on disk)
+        index = int(rng.integers(sum(len(class_coords[v]) for v in present)))
+        for v in present:
+            if index < len(class_coords[v]):
+                return tuple(int(x) for x in class_coords[v][index])
+            index -= len(class_coords[v])
     return tuple(int(rng.integers(s)) for s in shape)
 
 

@@ -108,6 +108,8 @@ class Segmenter:
         if self.instance_model:
             return self.prepared_objects(image)[0]
         total = None
+        if isinstance(image, np.ndarray) and not image.flags.writeable:  # a memory-mapped case (data.cache: disk)
+            image = np.array(image)
         image = torch.as_tensor(image)
         fill = background_logits(self.target, self.out_channels)
         settings = self.settings if mask is None else dataclasses.replace(self.settings, crop_foreground=False, skip_empty=True)

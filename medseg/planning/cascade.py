@@ -38,7 +38,7 @@ from dataclasses import replace
 from medseg.errors import MedsegError
 from medseg.inference.cascade import CascadeSettings
 from medseg.planning.fingerprint import Fingerprint
-from medseg.planning.planner import (Design, Plan, Schedule, deep_supervision_rule, median_shape, optimizer_for,
+from medseg.planning.planner import (Design, Plan, Schedule, cache_rule, deep_supervision_rule, median_shape, optimizer_for,
                                      target_spacing, tta_rule, windows_per_case)
 
 REFINER_FOREGROUND_FRACTION = 1.0
@@ -87,6 +87,7 @@ def plan_cascade(plan: Plan, fp: Fingerprint, localiser: str) -> tuple[Plan, Pla
     one_val = plan.val_cases * windows_per_case(design, plan.overlap) * plan.timing.forward_seconds
     tta, tta_note = tta_rule(design, plan.timing, plan.overlap)
     margin = CascadeSettings().margin_mm
+    cache, cache_note = cache_rule(fp, fine_ras, plan.budget)  # the cases prepared on the fine grid
     coarse = "x".join(f"{v:g}" for v in plan.design.spacing)
     notes = {**plan.notes, "tta": tta_note,
              "spacing": f"the target spacing before the plan coarsened it x{plan.coarsen_factor:g}; the first stage "
@@ -100,12 +101,13 @@ def plan_cascade(plan: Plan, fp: Fingerprint, localiser: str) -> tuple[Plan, Pla
                              "(docs/training.md, Cascade)",
              "cascade": f"stage 2 of 2: kept within {margin:g} mm of the first stage's foreground (medseg default)",
              "init_from": "starts from the first stage's weights (fold K's for fold K): the same network, trained at "
-                          "the coarse spacing"}
+                          "the coarse spacing", "cache": cache_note}
     refiner = _with_steps(replace(plan, budget=budget2, coarsen_factor=1.0, design=design, tta=tta, notes=notes,
                                   schedule=Schedule(second, s.iterations, second, 1, one_val, step_share * second,
                                                     s.startup_seconds),
                                   foreground_fraction=REFINER_FOREGROUND_FRACTION,
-                                  cascade={"localiser": localiser, "margin_mm": margin}, init_from=localiser))
+                                  cascade={"localiser": localiser, "margin_mm": margin}, init_from=localiser,
+                                  cache=cache))
     return stage1, refiner
 
 

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -31,6 +32,7 @@ THIN_RATIO = 0.25  # 2D when the 3D patch's thinnest axis is under a quarter of 
 WIDTHS = {"cuda": {3: (32, 320), 2: (32, 512)}, "cpu": {3: (16, 256), 2: (16, 256)}}  # (base, cap); GPU: nnU-Net's
 DEFAULT_CPU_MEMORY_GIB = 8.0
 RUNTIME_GIB = 1.0  # Python, torch, MONAI, loader processes (CPU) / CUDA context and workspaces (GPU)
+CACHE_MEMORY_SHARE = 0.5  # medseg: prepared cases stay in memory up to half of it, beyond are mapped from disk
 MIN_BATCH = 2  # nnU-Net's minimum
 BATCH_DATASET_FRACTION = 0.05  # nnU-Net: a batch covers at most 5% of the dataset's voxels
 ITERATIONS = 250  # nnU-Net's iterations per epoch
@@ -143,6 +145,7 @@ class Plan:
     cascade: Mapping | None = None  # a refiner's cascade section (:mod:`medseg.planning.cascade`)
     augmentation: Mapping | None = None  # settings that differ from nnU-Net's defaults (a cascade's localiser)
     init_from: str | None = None  # a run whose weights start the training (a cascade's refiner: its first stage)
+    cache: str = "memory"  # data.cache: memory | disk (:func:`cache_rule`)
 
 
 # ---------------------------------------------------------------------------------------------- spacing and shape
@@ -182,14 +185,46 @@ def coarsen(spacing: tuple[float, ...], factor: float, axes) -> tuple[float, ...
 
 
 # ---------------------------------------------------------------------------------------------- memory and batch
+def prepared_bytes(fp: Fingerprint, spacing) -> float:
+    """Bytes of every case prepared at ``spacing`` (RAS): 4 per voxel and channel, 1 per label voxel."""
+    voxels = float(np.sum(np.prod(fp.shapes * fp.spacings / np.asarray(spacing, float), axis=1)))
+    return voxels * (4 * len(fp.channels) + 1)
+
+
+def host_memory_bytes() -> float | None:
+    """This machine's physical memory, or None where the system does not say."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def cache_rule(fp: Fingerprint, spacing, budget: Budget) -> tuple[str, str]:
+    """``data.cache`` for the cases prepared at ``spacing`` (RAS), and why: ``memory`` while they take at most half
+    of the memory (on CPU the ``--memory`` budget, on a GPU this machine's memory), else ``disk``: each case written
+    once as ``.npy`` files and memory-mapped (:class:`medseg.data.dataset.CaseCache`), as nnU-Net does."""
+    size = prepared_bytes(fp, spacing)
+    if budget.device == "cpu":
+        limit, of = budget.memory_bytes, f"the {budget.memory_bytes / 2**30:g} GiB budget"
+    else:
+        limit = host_memory_bytes()
+        if limit is None:
+            return "memory", f"every prepared case in memory ({size / 2**30:.1f} GiB); disk maps them from files instead"
+        of = f"this machine's {limit / 2**30:.0f} GiB"
+    if size <= CACHE_MEMORY_SHARE * limit:
+        return "memory", (f"every prepared case in memory ({size / 2**30:.1f} GiB, at most half of {of}"
+                          f"{', counted in the budget' if budget.device == 'cpu' else ''})")
+    return "disk", (f"the prepared cases ({size / 2**30:.1f} GiB) are over half of {of}: each written once under the "
+                    "run folder and memory-mapped, so the patches read only what they touch")
+
+
 def available_memory(fp: Fingerprint, spacing, budget: Budget) -> tuple[float, str]:
-    """Bytes a training step may use: the memory budget less the runtime (1 GiB) and, on CPU, the cached cases
-    (the trainer keeps every prepared case in memory: 4 bytes per voxel and channel, 1 per label voxel)."""
+    """Bytes a training step may use: the memory budget less the runtime (1 GiB) and, on CPU, the cached cases when
+    :func:`cache_rule` keeps them in memory."""
     total = budget.memory_bytes
     if budget.device != "cpu":
         return total - RUNTIME_GIB * 2**30, f"{total / 2**30:.0f} GiB GPU memory less {RUNTIME_GIB:g} GiB runtime"
-    voxels = float(np.sum(np.prod(fp.shapes * fp.spacings / np.asarray(spacing, float), axis=1)))
-    cache = voxels * (4 * len(fp.channels) + 1)
+    cache = prepared_bytes(fp, spacing) if cache_rule(fp, spacing, budget)[0] == "memory" else 0.0
     left = total - cache - RUNTIME_GIB * 2**30
     if left <= 0:
         raise MedsegError(f"--memory: {total / 2**30:.1f} GiB does not hold the {cache / 2**30:.1f} GiB of prepared cases "
@@ -421,10 +456,11 @@ def make_plan(fp: Fingerprint, budget: Budget, timer: Timer) -> Plan:
     supervised, supervision_note = deep_supervision_rule(design.network, steps)
     norm, norm_note = normalization(fp)
     tta, tta_note = tta_rule(design, timing, overlap)
+    cache, cache_note = cache_rule(fp, coarsen(spacing, factor, layout.order[:layout.spatial_dims]), budget)
     notes = {"spacing": spacing_note, "layout": layout_note, "normalize": norm_note, "target": target_note,
-             "optimizer": optimizer_note, "tta": tta_note, "deep_supervision": supervision_note}
+             "optimizer": optimizer_note, "tta": tta_note, "deep_supervision": supervision_note, "cache": cache_note}
     return Plan(len(fp.cases), val_cases, in_ch, out_ch, target, scheme, budget, layout, layout.permute(spacing), factor,
-                design, timing, schedule, norm, optimizer, overlap, notes, tta, supervised)
+                design, timing, schedule, norm, optimizer, overlap, notes, tta, supervised, cache=cache)
 
 
 def _coarser(fp: Fingerprint, spacing, layout: Layout, budget: Budget, channels: tuple[int, int],

@@ -65,7 +65,7 @@ def _data_lines(plan: Plan, manifest: str) -> list[str]:
     lines += [_line(2, "target", plan.target, plan.notes["target"]),
               _line(2, "val_fold", 0, f"{plan.val_cases} of {plan.cases} cases validate") if plan.val_cases
               else _line(2, "val_fold", None, "a single labelled case: it trains, nothing validates"),
-              _line(2, "cache", "memory", "every prepared case in memory (counted in the memory budget on CPU)"),
+              _line(2, "cache", plan.cache, plan.notes.get("cache", "every prepared case in memory")),
               _line(2, "workers", workers, "loader processes beside the training process" if workers > 1
                     else "one loader process beside the training process on a CPU")]
     return lines
