@@ -108,6 +108,17 @@ def test_single_fold_trains_only_that_fold(tmp_path):
     assert bad.returncode == 1 and "--folds 7" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_folds_share_one_disk_cache(tmp_path):
+    """data.cache: disk under --folds: the cases are prepared once into RUN/cache, not once per fold."""
+    run = tmp_path / "run"
+    done = _medseg("train", _pipeline(tmp_path), "--folds", "0,1", "--output", str(run), "--no-progress",
+                   "--set", "data.cache=disk")
+    assert done.returncode == 0, done.stderr
+    folders = [f for f in (run / "cache").iterdir() if (f / "geometry.npz").exists()]
+    assert len(folders) == TINY["data"]["synthetic"]["cases"] and len(list((run / "cache").iterdir())) == len(folders)
+    assert not (run / "fold_0" / "cache").exists() and not (run / "fold_1" / "cache").exists()
+
+
 # ------------------------------------------------------------------------------------------ postprocessing choice
 def _blob(shape, centre, r):
     grid = np.indices(shape)

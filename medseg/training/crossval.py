@@ -53,6 +53,8 @@ def cv_manifest(p: Pipeline, run_dir: Path, progress: bool) -> tuple[Pipeline, M
     path = setup.resolve_manifest(p, run_dir, True, progress)
     if p.data.manifest is None:
         p = replace(p, data=replace(p.data, manifest=str(path.resolve()), synthetic=None))
+    if p.data.cache == "disk" and not p.data.cache_dir:  # one disk cache for every fold: each case prepared once
+        p = replace(p, data=replace(p.data, cache_dir=str((run_dir / "cache").resolve())))
     return p, setup.with_folds(read_manifest(path), p)
 
 
