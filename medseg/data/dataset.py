@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,9 +103,6 @@ _COMPLETE = "geometry.npz"  # written last: a case folder without it is incomple
 def _write_case(data: CaseData, folder: Path) -> None:
     """One prepared case as ``.npy`` files (mapped by :func:`_map_case`) plus its geometry and the offsets of its
     class coordinates; written in a temporary folder renamed into place, so a killed run leaves no half case."""
-    import shutil
-    import tempfile
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
     try:

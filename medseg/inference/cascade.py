@@ -142,10 +142,7 @@ def choose_mix(scores: dict[tuple[str, ...], dict[str, float]]) -> dict:
     postprocessing chosen for it) with the highest mean over the regions; a tie goes to the mix listed first (fewer
     regions averaged). The regions nest (ET inside TC inside WT), so they are chosen together, from label maps made
     of each mix's probabilities, not one at a time. Returns ``{"average": [...], "mixes": [{"average", "dice"}]}``."""
-    best = None
-    for mix, dice in scores.items():
-        if best is None or np.mean(list(dice.values())) > np.mean(list(scores[best].values())):
-            best = mix
+    best = max(scores, key=lambda mix: np.mean(list(scores[mix].values())))  # the first of equal means
     return {"average": list(best), "mixes": [{"average": list(mix), "dice": dict(dice)} for mix, dice in scores.items()]}
 
 

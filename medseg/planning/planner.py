@@ -185,10 +185,14 @@ def coarsen(spacing: tuple[float, ...], factor: float, axes) -> tuple[float, ...
 
 
 # ---------------------------------------------------------------------------------------------- memory and batch
+def dataset_voxels(fp: Fingerprint, spacing) -> float:
+    """Voxels of every case (cropped) resampled to ``spacing`` (RAS)."""
+    return float(np.sum(np.prod(fp.shapes * fp.spacings / np.asarray(spacing, float), axis=1)))
+
+
 def prepared_bytes(fp: Fingerprint, spacing) -> float:
     """Bytes of every case prepared at ``spacing`` (RAS): 4 per voxel and channel, 1 per label voxel."""
-    voxels = float(np.sum(np.prod(fp.shapes * fp.spacings / np.asarray(spacing, float), axis=1)))
-    return voxels * (4 * len(fp.channels) + 1)
+    return dataset_voxels(fp, spacing) * (4 * len(fp.channels) + 1)
 
 
 def host_memory_bytes() -> float | None:
@@ -254,8 +258,7 @@ def design_at(fp: Fingerprint, spacing, layout: Layout, budget: Budget, in_ch: i
     available, _ = available_memory(fp, spacing, budget)
     base, cap = WIDTHS["cpu" if budget.device == "cpu" else "cuda"][dims]
     net = fit_network(med[:dims], sp[:dims], (base, cap), available, (in_ch, out_ch), budget.half)
-    voxels = float(np.sum(np.prod(fp.shapes * fp.spacings / np.asarray(spacing, float), axis=1)))
-    batch = batch_size(net, available, in_ch, out_ch, budget.half, voxels, budget.device)
+    batch = batch_size(net, available, in_ch, out_ch, budget.half, dataset_voxels(fp, spacing), budget.device)
     return Design(sp, med, net, batch, training_bytes(net, batch, in_ch, out_ch, budget.half), available)
 
 
